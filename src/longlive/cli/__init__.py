@@ -1,0 +1,1 @@
+"""The `longlive` command: one entry point, one module per subcommand."""

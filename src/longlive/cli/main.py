@@ -1,0 +1,47 @@
+"""Entry point of the `longlive` command.
+
+Each subcommand lives in its own module under `longlive.cli` and exposes
+`add_arguments(parser)` and `run(args) -> int`. Modules are imported lazily so that
+`longlive --help` stays fast and a broken optional dependency only affects its subcommand.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help). Keep sorted by name.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longlive", description="Long video generation with chunk-level AR diffusion.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ...)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Parse just the command name first, then let the subcommand module add its own arguments.
+    args, _ = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    sub_parser = argparse.ArgumentParser(prog=f"longlive {args.command}", description=SUBCOMMANDS[args.command][1])
+    module.add_arguments(sub_parser)
+    idx = argv.index(args.command)
+    sub_args = sub_parser.parse_args(argv[idx + 1 :])
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s")
+    return int(module.run(sub_args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
