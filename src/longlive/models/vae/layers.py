@@ -1,0 +1,255 @@
+"""Building blocks of the Wan2.2 VAE: causal 3-D convolutions with an explicit feature cache.
+
+Every temporal convolution runs in streaming form: the frames it needs from the past come from a
+`FeatureCache` passed in by the caller, so encoding and decoding work chunk by chunk with state
+that the caller owns (no module attributes change during a forward). Parameter names follow the
+original Wan2.2 `vae2_2.py` layout (`residual.0/2/3/6`, `shortcut`, `resample.1`, `time_conv`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Marks the slot of a temporal up-sampler that has seen the first latent of its stream: the first
+# latent is not up-sampled in time (1 latent -> 1 frame), later ones are (1 latent -> 2 frames).
+_FIRST_STEP_DONE = "first-step-done"
+
+
+class FeatureCache:
+    """Tail frames of every cached temporal convolution of one causal stream.
+
+    Slots are taken in call order; `start_step()` rewinds the cursor before each network call, so
+    the same slot always belongs to the same convolution.
+    """
+
+    def __init__(self) -> None:
+        self._slots: list[torch.Tensor | str | None] = []
+        self._cursor = 0
+
+    def start_step(self) -> None:
+        """Rewind the cursor before running the network on the next piece of the stream."""
+        self._cursor = 0
+
+    def take(self) -> tuple[int, torch.Tensor | str | None]:
+        """The next slot index and what it holds (None for a convolution not yet run)."""
+        index = self._cursor
+        self._cursor += 1
+        if index == len(self._slots):
+            self._slots.append(None)
+        return index, self._slots[index]
+
+    def put(self, index: int, value: torch.Tensor | str) -> None:
+        """Store the tail kept for slot `index`."""
+        self._slots[index] = value
+
+    def reset(self) -> None:
+        """Forget the stream (drop every cached tensor)."""
+        self._slots.clear()
+        self._cursor = 0
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def nbytes(self) -> int:
+        """Bytes held by cached tensors."""
+        return sum(t.numel() * t.element_size() for t in self._slots if isinstance(t, torch.Tensor))
+
+
+class CausalConv3d(nn.Conv3d):
+    """3-D convolution padded only towards the past in time, with optional streaming state."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int],
+                 stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+        pad_t, pad_h, pad_w = self.padding
+        self.past_frames = 2 * pad_t  # frames of history the kernel needs
+        self._spatial_pad = (pad_w, pad_w, pad_h, pad_h)
+        self.padding = (0, 0, 0)
+
+    def _run(self, x: torch.Tensor, past: torch.Tensor | None) -> torch.Tensor:
+        pad_t = self.past_frames
+        if past is not None and pad_t > 0:
+            x = torch.cat([past.to(x.device), x], dim=2)
+            pad_t -= past.shape[2]
+        x = F.pad(x, (*self._spatial_pad, pad_t, 0))
+        return super().forward(x)
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
+        """Convolve `x`; with a cache, the stream's previous frames replace the zero padding."""
+        if cache is None or self.past_frames == 0:
+            return self._run(x, None)
+        index, past = cache.take()
+        assert past is None or isinstance(past, torch.Tensor)
+        tail = x[:, :, -self.past_frames:]
+        if past is not None and tail.shape[2] < self.past_frames:
+            tail = torch.cat([past[:, :, tail.shape[2] - self.past_frames:].to(x.device), tail], dim=2)
+        out = self._run(x, past)
+        cache.put(index, tail.clone())
+        return out
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over channels (dim 1), computed in fp32 for low-precision inputs."""
+
+    def __init__(self, dim: int, images: bool = True) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low_precision = x.dtype in (torch.float16, torch.bfloat16)
+        normed = F.normalize(x.float() if low_precision else x, dim=1).to(x.dtype)
+        return normed * self.scale * self.gamma
+
+
+class NearestUpsample2x(nn.Module):
+    """2x nearest-exact spatial up-sampling in fp32 (bf16 nearest is not supported everywhere)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x.float(), scale_factor=(2.0, 2.0), mode="nearest-exact").to(x.dtype)
+
+
+def _frames_to_batch(x: torch.Tensor) -> torch.Tensor:
+    b, c, t, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+
+
+def _batch_to_frames(x: torch.Tensor, b: int) -> torch.Tensor:
+    bt, c, h, w = x.shape
+    return x.view(b, bt // b, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+class Resample(nn.Module):
+    """Spatial (x2 or /2) resampling, plus a causal temporal step for the '3d' modes.
+
+    upsample3d: the first latent of a stream passes through unchanged in time; each later frame
+    becomes two (channel halves of `time_conv`). downsample3d: the first frame passes through;
+    later pairs of frames become one (stride-2 `time_conv` over [last cached frame, frames]).
+    """
+
+    MODES = ("upsample2d", "upsample3d", "downsample2d", "downsample3d")
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"Resample mode must be one of {self.MODES}, got {mode!r}.")
+        self.mode = mode
+        if mode.startswith("upsample"):
+            self.resample = nn.Sequential(NearestUpsample2x(), nn.Conv2d(dim, dim, 3, padding=1))
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        b = x.shape[0]
+        if self.mode == "upsample3d":
+            x = self._temporal_upsample(x, cache)
+        x = _batch_to_frames(self.resample(_frames_to_batch(x)), b)
+        if self.mode == "downsample3d":
+            x = self._temporal_downsample(x, cache)
+        return x
+
+    def _temporal_upsample(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        index, past = cache.take()
+        if past is None:
+            cache.put(index, _FIRST_STEP_DONE)
+            return x
+        past_frames = None if isinstance(past, str) else past
+        tail = x[:, :, -2:]
+        if past_frames is not None and tail.shape[2] < 2:
+            tail = torch.cat([past_frames[:, :, -1:].to(x.device), tail], dim=2)
+        y = self.time_conv._run(x, past_frames)
+        cache.put(index, tail.clone())
+        b, c2, t, h, w = y.shape
+        # channels [0:c] give the even output frames, [c:2c] the odd ones
+        return y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+
+    def _temporal_downsample(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        index, past = cache.take()
+        tail = x[:, :, -1:].clone()
+        if past is not None:
+            assert isinstance(past, torch.Tensor)
+            x = self.time_conv._run(torch.cat([past.to(x.device), x], dim=2), None)
+        cache.put(index, tail)
+        return x
+
+
+class ResidualBlock(nn.Module):
+    """norm -> SiLU -> causal conv -> norm -> SiLU -> dropout -> causal conv, plus a 1x1x1 shortcut."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim, images=False), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim, images=False), nn.SiLU(), nn.Dropout(dropout), CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        h = self.shortcut(x)
+        for layer in self.residual:
+            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame (no temporal mixing, no cache)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        y = self.norm(_frames_to_batch(x))
+        qkv = self.to_qkv(y).reshape(b * t, 1, 3 * c, h * w).permute(0, 1, 3, 2).contiguous()
+        q, k, v = qkv.chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v)
+        y = y.squeeze(1).permute(0, 2, 1).reshape(b * t, c, h, w)
+        return x + _batch_to_frames(self.proj(y), b)
+
+
+class AvgDown3D(nn.Module):
+    """Parameter-free shortcut of a down block: space/time-to-channel, then mean over channel groups."""
+
+    def __init__(self, in_channels: int, out_channels: int, factor_t: int, factor_s: int = 1) -> None:
+        super().__init__()
+        factor = factor_t * factor_s * factor_s
+        if (in_channels * factor) % out_channels:
+            raise ValueError(f"AvgDown3D: {in_channels} channels x factor {factor} is not divisible by {out_channels}.")
+        self.out_channels, self.factor_t, self.factor_s = out_channels, factor_t, factor_s
+        self.group = in_channels * factor // out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ft, fs = self.factor_t, self.factor_s
+        x = F.pad(x, (0, 0, 0, 0, (-x.shape[2]) % ft, 0))  # zero frames in front up to a multiple of ft
+        b, c, t, h, w = x.shape
+        x = x.view(b, c, t // ft, ft, h // fs, fs, w // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)
+        x = x.reshape(b, self.out_channels, self.group, t // ft, h // fs, w // fs)
+        return x.mean(dim=2)
+
+
+class DupUp3D(nn.Module):
+    """Parameter-free shortcut of an up block: repeat channels, then channel-to-space/time."""
+
+    def __init__(self, in_channels: int, out_channels: int, factor_t: int, factor_s: int = 1) -> None:
+        super().__init__()
+        factor = factor_t * factor_s * factor_s
+        if (out_channels * factor) % in_channels:
+            raise ValueError(f"DupUp3D: {out_channels} channels x factor {factor} is not divisible by {in_channels}.")
+        self.out_channels, self.factor_t, self.factor_s = out_channels, factor_t, factor_s
+        self.repeats = out_channels * factor // in_channels
+
+    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        ft, fs = self.factor_t, self.factor_s
+        x = x.repeat_interleave(self.repeats, dim=1)
+        b, _, t, h, w = x.shape
+        x = x.view(b, self.out_channels, ft, fs, fs, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        x = x.reshape(b, self.out_channels, t * ft, h * fs, w * fs)
+        return x[:, :, ft - 1:] if first_chunk else x
