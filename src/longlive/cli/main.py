@@ -13,6 +13,7 @@ import sys
 
 # name -> (module, one-line help). Keep sorted by name.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "vae-halo": ("longlive.cli.vae_halo", "print the chunk-halo VAE encoding windows per sequence-parallel rank"),
 }
 
 
