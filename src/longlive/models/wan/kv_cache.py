@@ -1,0 +1,230 @@
+"""The self-attention KV cache for chunk-by-chunk generation: every rule about what stays in it.
+
+Storage is preallocated once: `k` and `v` are `[layers, batch, slots * chunk_tokens, heads, head_dim]`
+and never move. A *slot* holds one chunk. Keys are stored after RoPE (absolute positions), so
+attention over the cached keys does not depend on their order; a full cache is attended as one
+contiguous view and eviction simply reuses the evicted chunk's slot (a ring buffer without copies).
+
+Semantics (reference spec 2.3-2.6), per sample, in chunk units:
+- capacity = `window_frames / chunk_frames` slots (`window_frames=-1`: the whole video, no eviction);
+- the first `sink_frames` of the video are the sink; with `multi_shot_sink` they are the *global* sink;
+- a scene cut (chunk index > 0) advances the shot index; the temporal RoPE position of every new
+  frame is `(frame + shot_index * rope_offset_per_shot) * t_scale`, so each cut leaves a gap;
+- with `multi_shot_sink` and a sink, the cut chunk is *pinned* after its refresh (replacing any old
+  pin); a pin right after the global sink is protected, a pin further back "floats" (it is not
+  protected, older chunks before it are evicted first, so it slides forward until it is protected);
+- when a new chunk does not fit, the oldest unprotected chunk is evicted: protected are the global
+  sink plus a protected pin, or, without a pin, the classic sink of `sink_frames`;
+- `shot_clean_recache`: at a cut, before the refresh, everything but the global sink is dropped,
+  so the new shot only sees the global sink.
+Bookkeeping is plain Python integers (no device synchronisation in the chunk loop).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .config import WanConfig
+
+
+@dataclass
+class _SampleState:
+    order: list[int] = field(default_factory=list)  # physical slots, oldest first
+    chunk_of_slot: dict[int, int] = field(default_factory=dict)  # physical slot -> chunk index
+    pin: int | None = None  # physical slot of the pinned shot anchor
+    shot_index: int = 0
+    current_slot: int = -1
+    current_cut: bool = False
+
+
+class KVCache:
+    """Fixed-size per-layer K/V storage plus the sink / window / pin / RoPE-offset rules."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        head_dim: int,
+        tokens_per_frame: int,
+        chunk_frames: int = 8,
+        window_frames: int = 32,
+        sink_frames: int = 0,
+        multi_shot_sink: bool = False,
+        rope_offset_per_shot: float = 0.0,
+        t_scale: float = 1.0,
+        shot_clean_recache: bool = False,
+        max_frames: int | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if chunk_frames <= 0 or tokens_per_frame <= 0:
+            raise ValueError(f"KVCache: chunk_frames ({chunk_frames}) and tokens_per_frame ({tokens_per_frame}) must be positive")
+        if sink_frames < 0 or sink_frames % chunk_frames:
+            raise ValueError(f"KVCache: sink_frames={sink_frames} must be a non-negative multiple of chunk_frames={chunk_frames}")
+        if window_frames == -1:
+            if max_frames is None:
+                raise ValueError("KVCache: window_frames=-1 (global attention) needs max_frames, the video length in latent frames")
+            window_frames = -(-max_frames // chunk_frames) * chunk_frames
+        if window_frames <= 0 or window_frames % chunk_frames:
+            raise ValueError(f"KVCache: window_frames={window_frames} must be -1 or a positive multiple of chunk_frames={chunk_frames}")
+        self.num_layers, self.batch_size = num_layers, batch_size
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.tokens_per_frame, self.chunk_frames = tokens_per_frame, chunk_frames
+        self.chunk_tokens = chunk_frames * tokens_per_frame
+        self.num_slots = window_frames // chunk_frames
+        self.sink_slots = sink_frames // chunk_frames
+        self.global_slots = self.sink_slots if multi_shot_sink else 0
+        self.pins_enabled = bool(multi_shot_sink and sink_frames > 0)
+        needed = self.sink_slots + (1 if self.pins_enabled else 0) + 1
+        if self.num_slots < needed:
+            raise ValueError(
+                f"KVCache: a window of {window_frames} frames ({self.num_slots} chunks) cannot hold the sink "
+                f"({self.sink_slots} chunks){', the shot pin (1 chunk)' if self.pins_enabled else ''} and the new chunk; "
+                f"use window_frames >= {needed * chunk_frames} or a smaller sink"
+            )
+        self.rope_offset_per_shot = float(rope_offset_per_shot)
+        self.t_scale = float(t_scale)
+        self.shot_clean_recache = bool(shot_clean_recache)
+        shape = (num_layers, batch_size, self.num_slots * self.chunk_tokens, num_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.reset()
+
+    @classmethod
+    def for_model(
+        cls,
+        config: WanConfig,
+        *,
+        batch_size: int,
+        latent_height: int,
+        latent_width: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        **kwargs,
+    ) -> "KVCache":
+        """A cache sized for `config` at a latent resolution (tokens/frame = H/ph * W/pw)."""
+        _, ph, pw = config.patch_size
+        if latent_height % ph or latent_width % pw:
+            raise ValueError(f"latent size {latent_height}x{latent_width} is not divisible by the patch size {config.patch_size}")
+        return cls(
+            num_layers=config.num_layers, batch_size=batch_size, num_heads=config.num_heads, head_dim=config.head_dim,
+            tokens_per_frame=(latent_height // ph) * (latent_width // pw), dtype=dtype, device=device, **kwargs,
+        )
+
+    # ------------------------------------------------------------------ bookkeeping
+    def reset(self) -> None:
+        """Forget everything (start of a new video); storage is kept."""
+        self.samples = [_SampleState() for _ in range(self.batch_size)]
+        self.num_valid = 0  # valid slots are always the physical prefix [0, num_valid)
+        self.start_frame = -1
+        self.next_frame = 0
+        self._positions: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def begin_chunk(self, start_frame: int, scene_cut: bool | Sequence[bool] = False) -> None:
+        """Make room for the chunk starting at latent frame `start_frame` (chunks must come in order)."""
+        if start_frame != self.next_frame:
+            raise ValueError(f"KVCache.begin_chunk: expected the chunk starting at frame {self.next_frame}, got {start_frame}")
+        cuts = [bool(scene_cut)] * self.batch_size if isinstance(scene_cut, bool) else [bool(c) for c in scene_cut]
+        if len(cuts) != self.batch_size:
+            raise ValueError(f"KVCache.begin_chunk: {len(cuts)} scene-cut flags for a batch of {self.batch_size}")
+        chunk_index = start_frame // self.chunk_frames
+        full = self.num_valid == self.num_slots
+        for s, cut in zip(self.samples, cuts):
+            cut = cut and chunk_index > 0
+            if full:
+                victim = s.order.pop(self._protected_prefix(s))
+                del s.chunk_of_slot[victim]
+                slot = victim
+            else:
+                slot = self.num_valid
+            s.order.append(slot)
+            s.chunk_of_slot[slot] = chunk_index
+            s.current_slot = slot
+            s.current_cut = cut
+            if cut:
+                s.shot_index += 1
+        if not full:
+            self.num_valid += 1
+        self.start_frame = start_frame
+        self.next_frame = start_frame + self.chunk_frames
+        self._positions = None
+
+    def _protected_prefix(self, s: _SampleState) -> int:
+        if s.pin is not None:
+            return self.global_slots + 1 if s.order.index(s.pin) == self.global_slots else self.global_slots
+        return max(self.global_slots, self.sink_slots)
+
+    def prepare_refresh(self) -> None:
+        """Call between the last denoising step and the refresh: applies `shot_clean_recache` at cuts."""
+        if not self.shot_clean_recache or not any(s.current_cut for s in self.samples):
+            return
+        if not all(s.current_cut for s in self.samples):
+            raise ValueError("shot_clean_recache needs the scene cuts of all samples in a batch to coincide")
+        chunk_index = self.start_frame // self.chunk_frames
+        for s in self.samples:
+            keep = s.order[: self.global_slots]
+            s.order = keep + [self.global_slots]
+            s.chunk_of_slot = {slot: s.chunk_of_slot[slot] for slot in keep}
+            s.chunk_of_slot[self.global_slots] = chunk_index
+            s.current_slot = self.global_slots
+            s.pin = None
+        self.num_valid = self.global_slots + 1
+
+    def end_chunk(self) -> None:
+        """Call after the refresh: pins the chunk where a scene cut happened (multi-shot sink)."""
+        if self.pins_enabled:
+            for s in self.samples:
+                if s.current_cut:
+                    s.pin = s.current_slot
+
+    # ------------------------------------------------------------------ model interface
+    def frame_positions(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Temporal RoPE positions `[B, chunk_frames]` (float64) of the current chunk's frames."""
+        if self.start_frame < 0:
+            raise RuntimeError("KVCache: call begin_chunk() before running the model with the cache")
+        if self._positions is None:
+            rows = [
+                [(self.start_frame + i + s.shot_index * self.rope_offset_per_shot) * self.t_scale for i in range(self.chunk_frames)]
+                for s in self.samples
+            ]
+            self._positions = torch.tensor(rows, dtype=torch.float64, device=device or self.k.device)
+        return self._positions
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the current chunk's K/V `[B, chunk_tokens, H, D]` for `layer`; return all valid K/V."""
+        if k.shape[1] != self.chunk_tokens:
+            raise ValueError(f"KVCache.update: got {k.shape[1]} tokens, the cache holds chunks of {self.chunk_tokens}")
+        kb, vb = self.k[layer], self.v[layer]
+        slots = [s.current_slot for s in self.samples]
+        if all(x == slots[0] for x in slots):
+            a = slots[0] * self.chunk_tokens
+            kb[:, a : a + self.chunk_tokens] = k
+            vb[:, a : a + self.chunk_tokens] = v
+        else:
+            for b, slot in enumerate(slots):
+                a = slot * self.chunk_tokens
+                kb[b, a : a + self.chunk_tokens] = k[b]
+                vb[b, a : a + self.chunk_tokens] = v[b]
+        n = self.num_valid * self.chunk_tokens
+        return kb[:, :n], vb[:, :n]
+
+    # ------------------------------------------------------------------ introspection (tests, logs)
+    def attended_chunks(self, sample: int = 0) -> list[int]:
+        """Chunk indices the current chunk attends to, oldest first (its own index last)."""
+        s = self.samples[sample]
+        return [s.chunk_of_slot[slot] for slot in s.order]
+
+    def pinned_chunk(self, sample: int = 0) -> int | None:
+        s = self.samples[sample]
+        return None if s.pin is None else s.chunk_of_slot.get(s.pin)
+
+    def shot_index(self, sample: int = 0) -> int:
+        return self.samples[sample].shot_index

@@ -1,0 +1,317 @@
+"""The Wan2.2 diffusion transformer, one module for every execution mode.
+
+`WanModel(x, t, context, ...)` with x `[B, C, F, H, W]`, per-frame timesteps t `[B, F]` and text
+embeddings `[B, L, text_dim]` (or per-chunk prompts `[B, P, L, text_dim]`) returns the flow
+velocity `[B, C, F, H, W]`. What the caller passes selects the mode:
+- nothing else: bidirectional full-sequence forward (the original Wan model);
+- `chunk_frames=n`: block-causal over the whole sequence (score networks);
+- `chunk_frames=n, clean_x=..., clean_t=...`: teacher forcing over `[clean; noisy]`, returning the
+  velocity of the noisy frames (spec 2.2);
+- `kv_cache=cache` (after `cache.begin_chunk`): one chunk of cached AR inference (spec 2.3).
+Parameter names and shapes are exactly the original Wan checkpoint keys (spec 1.4).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import ChunkLayout, masked_attention, sdpa
+from .config import WanConfig
+from .kv_cache import KVCache
+from .rope import apply_rope, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the full width (q/k norm of Wan), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Parameter-free LayerNorm in fp32 (norm1 / norm2 / head.norm of Wan)."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+
+
+def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear evaluated in fp32 whatever the parameter dtype (time embedding, head)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+def _modulate(x: torch.Tensor, frames: int, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LN(x) * (1 + scale) + shift with per-frame `[B, frames, dim]` modulation, in fp32."""
+    b, s, d = x.shape
+    h = _layer_norm(x, eps).view(b, frames, s // frames, d)
+    return (h * (1 + scale[:, :, None]) + shift[:, :, None]).view(b, s, d)
+
+
+def _gated_residual(x: torch.Tensor, y: torch.Tensor, frames: int, gate: torch.Tensor) -> torch.Tensor:
+    """x + y * gate with a per-frame gate, computed in fp32, returned in x's dtype."""
+    b, s, d = x.shape
+    out = x.float().view(b, frames, s // frames, d) + y.float().view(b, frames, s // frames, d) * gate[:, :, None]
+    return out.view(b, s, d).to(x.dtype)
+
+
+@dataclass
+class _Plan:
+    """How self-attention runs in this forward (computed once, shared by all blocks)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: Any = None  # None | bool tensor | flex BlockMask
+    cache: KVCache | None = None
+    groups: int = 1  # token groups for per-chunk prompt routing in cross-attention
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: WanConfig) -> None:
+        super().__init__()
+        d = config.dim
+        self.num_heads = config.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, plan: _Plan, layer: int) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, s, self.num_heads, -1)
+        k = self.norm_k(self.k(x)).view(b, s, self.num_heads, -1)
+        v = self.v(x).view(b, s, self.num_heads, -1)
+        q, k = apply_rope(q, plan.cos, plan.sin), apply_rope(k, plan.cos, plan.sin)
+        if plan.cache is not None:
+            k, v = plan.cache.update(layer, k, v)
+            out = sdpa(q, k, v)
+        elif plan.mask is None:
+            out = sdpa(q, k, v)
+        else:
+            out = masked_attention(q, k, v, plan.mask)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to text tokens; token group g attends prompt g % P."""
+
+    def __init__(self, config: WanConfig) -> None:
+        super().__init__()
+        d = config.dim
+        self.num_heads = config.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, groups: int) -> torch.Tensor:
+        b, s, d = x.shape
+        _, p, l, _ = context.shape  # [B, P, L, dim]
+        q = self.norm_q(self.q(x)).view(b * groups, s // groups, self.num_heads, -1)
+        k = self.norm_k(self.k(context)).view(b, p, l, self.num_heads, -1)
+        v = self.v(context).view(b, p, l, self.num_heads, -1)
+        if groups != p:  # group g uses prompt g % P
+            k = k.repeat(1, groups // p, 1, 1, 1)
+            v = v.repeat(1, groups // p, 1, 1, 1)
+        out = sdpa(q, k.flatten(0, 1), v.flatten(0, 1))
+        return self.o(out.reshape(b, s, d))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, config: WanConfig) -> None:
+        super().__init__()
+        self.eps = config.eps
+        self.modulation = nn.Parameter(torch.empty(1, 6, config.dim))
+        self.self_attn = SelfAttention(config)
+        self.norm3 = nn.LayerNorm(config.dim, eps=config.eps) if config.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(config)
+        self.ffn = nn.Sequential(nn.Linear(config.dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, config.dim))
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, plan: _Plan, layer: int) -> torch.Tensor:
+        frames = e0.shape[1]
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e0).unbind(2)
+        y = self.self_attn(_modulate(x, frames, shift1, scale1, self.eps).to(x.dtype), plan, layer)
+        x = _gated_residual(x, y, frames, gate1)
+        if isinstance(self.norm3, nn.LayerNorm):
+            n = self.norm3
+            h = F.layer_norm(x.float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps).to(x.dtype)
+        else:
+            h = x
+        x = x + self.cross_attn(h, context, plan.groups)
+        y = self.ffn(_modulate(x, frames, shift2, scale2, self.eps).to(x.dtype))
+        return _gated_residual(x, y, frames, gate2)
+
+
+class Head(nn.Module):
+    def __init__(self, config: WanConfig) -> None:
+        super().__init__()
+        self.eps = config.eps
+        self.head = nn.Linear(config.dim, config.out_dim * math.prod(config.patch_size))
+        self.modulation = nn.Parameter(torch.empty(1, 2, config.dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)
+        return _linear_fp32(self.head, _modulate(x, e.shape[1], shift, scale, self.eps))
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan timestep embedding: concat(cos(t*w), sin(t*w)), w_k = 10000^(-k/(dim/2)), in float64."""
+    half = dim // 2
+    w = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t.to(torch.float64)[..., None] * w
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class WanModel(nn.Module):
+    """The Wan2.2 DiT (see module docstring for the execution modes)."""
+
+    def __init__(self, config: WanConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, d, kernel_size=config.patch_size, stride=config.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
+        self.head = Head(config)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random initialisation (Wan-style; the output head is random too so outputs are non-trivial)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv3d)):
+                w = m.weight.view(m.weight.shape[0], -1)
+                bound = math.sqrt(6.0 / (w.shape[0] + w.shape[1]))
+                m.weight.uniform_(-bound, bound, generator=generator)
+                if m.bias is not None:
+                    m.bias.normal_(0.0, 0.02, generator=generator)
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)) and getattr(m, "weight", None) is not None:
+                m.weight.fill_(1.0)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        for name in ("text_embedding", "time_embedding"):
+            for m in getattr(self, name):
+                if isinstance(m, nn.Linear):
+                    m.weight.normal_(0.0, 0.02, generator=generator)
+        d = self.config.dim
+        for block in self.blocks:
+            block.modulation.normal_(0.0, 1.0 / math.sqrt(d), generator=generator)
+        self.head.modulation.normal_(0.0, 1.0 / math.sqrt(d), generator=generator)
+
+    # ------------------------------------------------------------------ pieces
+    def embed_video(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Patchify `[B, C, F, H, W]` into tokens `[B, F'*H'*W', dim]` (Conv3d with kernel == stride, as a GEMM)."""
+        b, c, f, h, w = x.shape
+        pt, ph, pw = self.config.patch_size
+        if c != self.config.in_dim or f % pt or h % ph or w % pw:
+            raise ValueError(f"input {tuple(x.shape)} does not fit in_dim={self.config.in_dim} and patch_size={self.config.patch_size}")
+        grid = (f // pt, h // ph, w // pw)
+        x = x.reshape(b, c, grid[0], pt, grid[1], ph, grid[2], pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        weight = self.patch_embedding.weight
+        tokens = F.linear(x.reshape(b, -1, c * pt * ph * pw).to(weight.dtype), weight.flatten(1), self.patch_embedding.bias)
+        return tokens, grid
+
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame time embedding `e [B, F, dim]` and block modulation `e0 [B, F, 6, dim]` (fp32)."""
+        emb = sinusoidal_embedding(t, self.config.freq_dim).float()
+        e = _linear_fp32(self.time_embedding[2], F.silu(_linear_fp32(self.time_embedding[0], emb)))
+        e0 = _linear_fp32(self.time_projection[1], F.silu(e)).unflatten(-1, (6, self.config.dim))
+        return e, e0
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """Zero-pad text embeddings to `text_len` and project: `[B, (P,) L, text_dim]` -> `[B, P, text_len, dim]`."""
+        if context.dim() == 3:
+            context = context[:, None]
+        if context.dim() != 4 or context.shape[-1] != self.config.text_dim:
+            raise ValueError(f"context must be [B, L, {self.config.text_dim}] or [B, P, L, {self.config.text_dim}], got {tuple(context.shape)}")
+        length = context.shape[2]
+        if length > self.config.text_len:
+            raise ValueError(f"context has {length} tokens, more than text_len={self.config.text_len}")
+        if length < self.config.text_len:
+            context = F.pad(context, (0, 0, 0, self.config.text_len - length))
+        w = self.text_embedding[0].weight
+        return self.text_embedding(context.to(w.dtype))
+
+    def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Head output `[B, F'*H'*W', pt*ph*pw*C]` (channel fastest) -> `[B, C, F, H, W]`."""
+        b = out.shape[0]
+        pt, ph, pw = self.config.patch_size
+        f, h, w = grid
+        out = out.view(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, -1, f * pt, h * ph, w * pw)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        chunk_frames: int | None = None,
+        clean_x: torch.Tensor | None = None,
+        clean_t: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        frame_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, _, f, _, _ = x.shape
+        if t.dim() != 2 or t.shape != (b, f):
+            raise ValueError(f"t must hold one timestep per latent frame, shape [B, F] = [{b}, {f}]; got {tuple(t.shape)}")
+        tokens, grid = self.embed_video(x)
+        frames, tokens_per_frame = grid[0], grid[1] * grid[2]
+        ctx = self.embed_text(context)
+        prompts = ctx.shape[1]
+        e, e0 = self.embed_time(t)
+
+        if kv_cache is not None:
+            if chunk_frames is not None or clean_x is not None:
+                raise ValueError("kv_cache mode takes one chunk; do not pass chunk_frames or clean_x with it")
+            if frames != kv_cache.chunk_frames or b != kv_cache.batch_size:
+                raise ValueError(f"kv_cache expects chunks of [B={kv_cache.batch_size}, F={kv_cache.chunk_frames}], got [B={b}, F={frames}]")
+            pos = kv_cache.frame_positions(x.device) if frame_positions is None else frame_positions
+            cos, sin = rope_cos_sin(self.config, pos, grid[1], grid[2])
+            plan = _Plan(cos, sin, cache=kv_cache, groups=prompts)
+        else:
+            pos = torch.arange(frames, dtype=torch.float64, device=x.device) if frame_positions is None else frame_positions
+            cos, sin = rope_cos_sin(self.config, pos, grid[1], grid[2])
+            plan = _Plan(cos, sin, groups=prompts)
+            if clean_x is not None:
+                if chunk_frames is None or clean_t is None:
+                    raise ValueError("teacher forcing needs chunk_frames and clean_t together with clean_x")
+                if clean_x.shape != x.shape or clean_t.shape != t.shape:
+                    raise ValueError(f"clean_x/clean_t {tuple(clean_x.shape)}/{tuple(clean_t.shape)} must match x/t {tuple(x.shape)}/{tuple(t.shape)}")
+                clean_tokens, _ = self.embed_video(clean_x)
+                tokens = torch.cat([clean_tokens, tokens], dim=1)
+                _, clean_e0 = self.embed_time(clean_t)
+                e0 = torch.cat([clean_e0, e0], dim=1)
+                plan.cos, plan.sin = torch.cat([cos, cos], dim=1), torch.cat([sin, sin], dim=1)
+                plan.groups = 2 * prompts
+                layout = ChunkLayout.teacher_forcing(frames, chunk_frames, tokens_per_frame, x.device)
+                plan.mask = self._mask_for(layout, x)
+            elif chunk_frames is not None:
+                layout = ChunkLayout.block_causal(frames, chunk_frames, tokens_per_frame, x.device)
+                plan.mask = self._mask_for(layout, x)
+        if tokens.shape[1] % plan.groups:
+            raise ValueError(f"{prompts} prompts cannot split {tokens.shape[1]} tokens into equal groups")
+
+        h = tokens
+        for i, block in enumerate(self.blocks):
+            h = block(h, e0, ctx, plan, i)
+        if clean_x is not None:
+            h = h[:, h.shape[1] // 2 :]
+        out = self.head(h, e)
+        return self.unpatchify(out, grid).to(x.dtype)
+
+    @staticmethod
+    def _mask_for(layout: ChunkLayout, x: torch.Tensor):
+        return layout.block_mask() if x.is_cuda else layout.dense_mask()
