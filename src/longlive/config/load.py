@@ -472,10 +472,9 @@ def config_from_dict(raw: dict[str, Any], source: str | None = None, overrides: 
     if not isinstance(raw, dict):
         raise ConfigError(f"{_where(source)}: the top level must be a mapping of sections and keys, got {type(raw).__name__}.")
     canon, origins, issues = normalize_mapping(raw, source)
-    if issues:
-        raise ConfigError(issues, source)
     apply_overrides(canon, origins, list(overrides), source)
-    cfg, issues = build_config(canon, origins, source)
+    cfg, build_issues = build_config(canon, origins, source)
+    issues += build_issues
     if issues:
         raise ConfigError(issues, source)
     if validate:
