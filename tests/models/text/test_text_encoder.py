@@ -77,14 +77,14 @@ def test_xxl_config_geometry() -> None:
 
 
 def test_matches_transformers_directly(assets: dict[str, Path]) -> None:
-    enc = TextEncoder.from_pretrained(assets["hf"], assets["tokenizer"], text_len=TEXT_LEN)
+    enc = TextEncoder.from_pretrained(assets["hf"], assets["tokenizer"])  # default text_len 512
     got = enc.encode(PROMPTS)
-    assert got.shape == (len(PROMPTS), TEXT_LEN, TINY["d_model"]) and got.dtype == torch.float32
+    assert got.shape == (len(PROMPTS), 512, TINY["d_model"]) and got.dtype == torch.float32
 
     ref_model = UMT5EncoderModel.from_pretrained(str(assets["hf"])).eval()
     ref_tok = PreTrainedTokenizerFast.from_pretrained(str(assets["tokenizer"]))
     batch = ref_tok([clean_prompt(p) for p in PROMPTS], padding="max_length", truncation=True,
-                    max_length=TEXT_LEN, add_special_tokens=True, return_tensors="pt")
+                    max_length=512, add_special_tokens=True, return_tensors="pt")
     with torch.no_grad():
         ref = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     mask = batch["attention_mask"].bool()
