@@ -106,6 +106,8 @@ def test_frame_conversion_and_errors(tmp_path: Path) -> None:
     assert frames_to_uint8(x.unsqueeze(0)).shape == (4, 2, 2, 3)
     with pytest.raises(ValueError, match="NaN"):
         frames_to_uint8(torch.full((1, 3, 2, 2), float("nan")))
+    with pytest.raises(ValueError, match="nan.mp4: frames contain"):
+        Mp4Writer(tmp_path / "nan.mp4").append(torch.full((1, 3, 2, 2), float("nan")))
     with pytest.raises(ValueError, match="colour channels"):
         frames_to_uint8(torch.zeros(1, 4, 2, 2))
     with pytest.raises(ValueError, match="even height and width"):

@@ -156,7 +156,10 @@ class Mp4Writer:
         """Encode `frames` as one MP4 fragment and write it to disk before returning."""
         if self._closed:
             raise VideoFileError(f"{self.path}: append after close")
-        rgb = frames_to_uint8(frames)
+        try:
+            rgb = frames_to_uint8(frames)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{self.path}: {exc}") from exc
         if rgb.shape[0] == 0:
             logger.warning("%s: append got 0 frames; nothing written", self.path)
             return
