@@ -55,8 +55,6 @@ def _flatten_reference_style(raw: dict) -> dict:
             rest = {k: v for k, v in value.items() if k not in ("interval", "num_frames", "use_ema")}
             if rest:
                 out["evaluation"] = rest
-        elif key == "training" and False:
-            pass
         else:
             out[key] = value
     # training.save_interval goes by its legacy name
@@ -327,3 +325,10 @@ def test_reference_style_file_with_legacy_and_unused_keys(tmp_path, caplog):
     assert cfg.infra.real_score_quant_filtered_modules == ["head.head", "re:.*norm_k$"]
     assert cfg.evaluation.interval == 99999999999 and cfg.origins["training.save_interval"] == "training.log_iters"
     assert "narrative_rope_phase_shift" in caplog.text and "vae_device" in caplog.text
+
+
+def test_empty_sections_mean_defaults_and_null_adapter_means_no_lora(tmp_path):
+    path = _write(tmp_path, "evaluation:\nmodel_kwargs:\ninference:\nadapter: null\n", "empty_sections.yaml")
+    cfg = load_config(path)
+    assert cfg.evaluation == config_from_dict({}).evaluation and cfg.adapter is None
+    assert load_config(_write(tmp_path, "adapter: {}\n", "a.yaml")).adapter.rank == 128

@@ -288,3 +288,16 @@ def test_i2v_errors(tmp_path):
     (tmp_path / "none").mkdir()
     with pytest.raises(PromptFileError, match="no images"):
         load_image_prompts(tmp_path / "none", 2)
+
+
+def test_i2v_from_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    _image(tmp_path / "images" / "cat.png")
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "cat.txt").write_text("a cat sits\na cat jumps\n", encoding="utf-8")
+    cfg = load_config("configs/inference_i2v.yaml", [f"data.data_path={tmp_path}", "inference.num_output_frames=32"])
+    (s,) = load_prompts_from_config(cfg)
+    assert s.image_path.name == "cat.png" and s.prompts == ["a cat sits", "a cat sits", P + "a cat jumps", "a cat jumps"]
+    (tmp_path / "video").mkdir()
+    with pytest.raises(PromptFileError, match="video dataset layout"):
+        load_prompts_from_config(cfg)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Sequence, Union
 
 import yaml
 
@@ -28,6 +29,7 @@ def _schema_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
 
 
+@functools.lru_cache(maxsize=None)
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -167,7 +169,11 @@ def _flat_candidates() -> list[str]:
 
 def _add_nested_section(col: _Collector, section: str, value: Any, origin_prefix: str) -> None:
     if value is None:
-        col.add((section,), None, origin_prefix)
+        optional = typing.get_origin(_hints(Config)[section]) is Union
+        if optional:  # e.g. `adapter: null` = no LoRA
+            col.add((section,), None, origin_prefix)
+        else:  # an empty section (all keys commented out) means defaults
+            col.present_sections.add(section)
         return
     if not isinstance(value, dict):
         col.issues.append(

@@ -388,6 +388,11 @@ def load_prompts_from_config(cfg: "Config", field: str = "data.data_path") -> li
 
     path = require_path(cfg, field)
     kwargs = dict(scene_cut_prefix=cfg.inference.scene_cut_prefix, mismatch=cfg.data.prompt_length_mismatch)
-    if cfg.i2v and path.is_dir() and not (path / "video").is_dir():
+    if cfg.i2v and path.is_dir():
+        if (path / "video").is_dir():
+            raise PromptFileError(
+                f"{path}: has a video/ folder (video dataset layout: the first frame of each clip is the condition "
+                f"image); load it with the video dataset, not as image+prompt files."
+            )
         return list(load_image_prompts(path, cfg.num_chunks, **kwargs))
     return load_prompts(path, cfg.num_chunks, chunks_per_shot=cfg.data.chunks_per_shot, **kwargs)
