@@ -77,6 +77,14 @@ def _e2m1_value(code):
 
 
 @triton.jit
+def _bf16_bits(x):
+    """bfloat16 bit pattern (int16) of finite float32 x, round-to-nearest-even by bit arithmetic."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+    return rounded.to(tl.int16)
+
+
+@triton.jit
 def _e2m1_nearest(xs):
     """Nearest E2M1 code (ties to even, saturating at 6); -0 and rounded-to-zero negatives -> 0."""
     a = tl.abs(xs)
@@ -148,11 +156,12 @@ def _tree_sum16(t, BLOCK_R: tl.constexpr, NB: tl.constexpr):
 def _block_error(diff, RULE: tl.constexpr, BLOCK_R: tl.constexpr, NB: tl.constexpr):
     """Four-over-six block error: 1 = sum of squares, 2 = sum of abs, 3 = max abs."""
     if RULE == 1:
-        return _tree_sum16(diff * diff, BLOCK_R, NB)
+        err = _tree_sum16(diff * diff, BLOCK_R, NB)
     elif RULE == 2:
-        return _tree_sum16(tl.abs(diff), BLOCK_R, NB)
+        err = _tree_sum16(tl.abs(diff), BLOCK_R, NB)
     else:
-        return tl.max(tl.abs(diff), axis=2)
+        err = tl.max(tl.abs(diff), axis=2)
+    return err
 
 
 @triton.jit
@@ -233,9 +242,7 @@ def _dequantize_kernel(
     if OUT_KIND == 0:
         tl.store(ptrs, out, mask=mask)
     elif OUT_KIND == 1:
-        bits = out.to(tl.int32, bitcast=True)  # bfloat16 RNE by bit arithmetic (finite values)
-        bf = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
-        tl.store(ptrs, bf.to(tl.int16), mask=mask)
+        tl.store(ptrs, _bf16_bits(out), mask=mask)
     else:
         tl.store(ptrs, out.to(tl.float16), mask=mask)
 
@@ -262,13 +269,15 @@ def quantize_triton(
     generator: torch.Generator | None = None,
     uniform: torch.Tensor | None = None,
     validate: bool = True,
+    amax: torch.Tensor | None = None,
     block_rows: int | None = None,
     block_cols: int | None = None,
 ) -> NVFP4Tensor:
     """NVFP4-quantize a 2-D tensor with 1x16 blocks; bit-identical to ``nvfp4.quantize``.
 
     ``validate`` rejects inf/NaN (and uniforms outside [0, 1)) at the cost of one host sync;
-    with ``validate=False`` non-finite inputs give undefined codes.
+    with ``validate=False`` non-finite inputs give undefined codes. A caller-supplied ``amax``
+    (float32, must equal max|x|, else values saturate) skips the reduction pass.
     """
     rule_maxima(rule)
     if round not in ("nearest", "stochastic"):
@@ -280,7 +289,12 @@ def quantize_triton(
     rows, cols = x.shape
     prow, pcol = padded_shape(rows, cols)
     br, bc = _block_shape(pcol, block_rows, block_cols)
-    amax = torch.linalg.vector_norm(x.detach(), ord=math.inf).to(torch.float32).reshape(1)
+    if amax is None:
+        amax = torch.linalg.vector_norm(x.detach(), ord=math.inf).to(torch.float32).reshape(1)
+    elif amax.dtype != torch.float32 or amax.numel() != 1 or amax.device != x.device:
+        raise ValueError(f"amax must be a 1-element float32 tensor on {x.device}, got {amax.dtype} {tuple(amax.shape)}")
+    else:
+        amax = amax.reshape(1)
     if validate and not bool(torch.isfinite(amax).all()):
         check_finite(x)
     scales = tensor_scales(amax, rule)

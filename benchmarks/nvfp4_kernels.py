@@ -1,0 +1,249 @@
+"""NVFP4 Triton kernels on CUDA: bit-exactness against the reference, then throughput.
+
+Throughput is reported as bytes read + written per second and as a fraction of a device-to-device
+copy measured in the same run. Prints JSON; also writes $OUT/nvfp4_kernels.json when OUT is set.
+
+    python benchmarks/nvfp4_kernels.py            # checks + timings (about 1-2 minutes on an H200)
+    python benchmarks/nvfp4_kernels.py --no-sweep # skip the tile-shape sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from longlive.quant import nvfp4 as nv  # noqa: E402
+from longlive.quant.nvfp4_triton import dequantize_triton, quantize_triton  # noqa: E402
+
+logger = logging.getLogger("nvfp4_kernels")
+
+RULES = ["static_6", "static_4", "mse", "mae", "abs_max"]
+# (name, rows, cols): a 5B FFN weight, one KV-cache chunk of one layer (spec 7.7), one chunk's activations
+BENCH_SHAPES = [("ffn_weight", 3072, 14336), ("kv_chunk", 168960, 128), ("activation", 7040, 3072)]
+
+
+def _data(rows: int, cols: int, kind: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Random input; 'wide' scales each 16-block by 10^U(-7, 2) and zeroes 10% of blocks."""
+    dev = gen.device
+    x = torch.randn(rows, cols, generator=gen, device=dev)
+    if kind == "wide":
+        nb = -(-cols // 16)
+        mag = 10.0 ** (torch.rand(rows, nb, generator=gen, device=dev) * 9 - 7)
+        mag[torch.rand(rows, nb, generator=gen, device=dev) < 0.1] = 0
+        x = x * mag.repeat_interleave(16, dim=1)[:, :cols]
+    return x.to(dtype)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Number of differing elements (bitwise for floats)."""
+    if a.shape != b.shape:
+        return -1
+    if a.is_floating_point():
+        a = a.view(torch.uint8) if a.element_size() == 1 else a.view({2: torch.int16, 4: torch.int32}[a.element_size()])
+        b = b.view(a.dtype)
+    return int((a != b).sum())
+
+
+EXACT_SHAPES = [(1, 16), (130, 200), (1000, 3072), (4096, 4096), (2048, 128)]
+
+
+def check_exactness(device: torch.device, shapes: list[tuple[int, int]] = EXACT_SHAPES) -> list[dict]:
+    """Compare kernels with the reference (on the same device) over rules, roundings, shapes, dtypes."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    results = []
+    for rows, cols in shapes:
+        for kind in ("gauss", "wide"):
+            for in_dtype in (torch.bfloat16, torch.float32):
+                x = _data(rows, cols, kind, in_dtype, gen)
+                for rule in RULES:
+                    for rnd in ("nearest", "stochastic"):
+                        u = torch.rand(x.shape, generator=gen, device=device) if rnd == "stochastic" else None
+                        qr = nv.quantize(x, rule, round=rnd, uniform=u)
+                        qt = quantize_triton(x, rule, round=rnd, uniform=u)
+                        rec = {
+                            "shape": [rows, cols], "data": kind, "dtype": str(in_dtype).removeprefix("torch."),
+                            "rule": rule, "round": rnd,
+                            "values_diff": _same(qt.values, qr.values),
+                            "scales_diff": _same(qt.scale_factors, qr.scale_factors),
+                            "amax_diff": _same(qt.amax, qr.amax),
+                        }
+                        for dt in (torch.float32, torch.bfloat16, torch.float16):
+                            rec[f"dequant_{str(dt).removeprefix('torch.')}_diff"] = _same(
+                                dequantize_triton(qr, dt), nv.dequantize(qr, dt)
+                            )
+                        rec["exact"] = all(v == 0 for k, v in rec.items() if k.endswith("_diff"))
+                        results.append(rec)
+                        if not rec["exact"]:
+                            logger.error("MISMATCH %s", rec)
+    # the reference itself must not depend on the device (CPU vs CUDA torch numerics)
+    for rule in RULES:
+        x = _data(512, 1024, "wide", torch.float32, gen)
+        u = torch.rand(x.shape, generator=gen, device=device)
+        for rnd in ("nearest", "stochastic"):
+            uu = u if rnd == "stochastic" else None
+            qg = nv.quantize(x, rule, round=rnd, uniform=uu)
+            qc = nv.quantize(x.cpu(), rule, round=rnd, uniform=None if uu is None else uu.cpu())
+            rec = {"check": "reference_cuda_vs_cpu", "rule": rule, "round": rnd,
+                   "values_diff": _same(qg.values.cpu(), qc.values),
+                   "scales_diff": _same(qg.scale_factors.cpu(), qc.scale_factors),
+                   "dequant_bfloat16_diff": _same(nv.dequantize(qg, torch.bfloat16).cpu(),
+                                                  nv.dequantize(qc, torch.bfloat16))}
+            rec["exact"] = all(v == 0 for k, v in rec.items() if k.endswith("_diff"))
+            results.append(rec)
+    bad = torch.randn(64, 64, device=device)
+    bad[3, 3] = float("nan")
+    try:
+        quantize_triton(bad)
+        results.append({"check": "rejects_nan", "exact": False})
+    except ValueError:
+        results.append({"check": "rejects_nan", "exact": True})
+    return results
+
+
+def time_cuda(fn: Callable[[], object], reps: int = 20, repeats: int = 5) -> float:
+    """Median seconds per call over `repeats` timed loops of `reps` calls (after warm-up)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) / 1e3 / reps)
+    return statistics.median(per_call)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 512 * 2**20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = time_cuda(lambda: dst.copy_(src))
+    return 2 * nbytes / t
+
+
+def throughput(device: torch.device, copy_bw: float, sweep: bool) -> list[dict]:
+    """Time quantize / dequantize on realistic shapes; bytes are logical (input once, outputs once)."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    out = []
+    for name, rows, cols in BENCH_SHAPES:
+        x = _data(rows, cols, "gauss", torch.bfloat16, gen)
+        n = x.numel()
+        amax = torch.linalg.vector_norm(x, ord=float("inf")).float().reshape(1)
+        u = torch.rand(x.shape, generator=gen, device=device)
+        q_bytes = n * 2 + n // 2 + n // 16
+        for rule, rnd in (("static_6", "nearest"), ("mse", "nearest"), ("mse", "stochastic")):
+            uu = u if rnd == "stochastic" else None
+            extra = n * 4 if uu is not None else 0
+            variants = {
+                "quantize_validated": lambda: quantize_triton(x, rule, round=rnd, uniform=uu),
+                "quantize_no_sync": lambda: quantize_triton(x, rule, round=rnd, uniform=uu, validate=False),
+                "quantize_kernel_given_amax": lambda: quantize_triton(
+                    x, rule, round=rnd, uniform=uu, validate=False, amax=amax),
+            }
+            for vname, fn in variants.items():
+                t = time_cuda(fn)
+                bw = (q_bytes + extra) / t
+                out.append({"shape_name": name, "shape": [rows, cols], "op": vname, "rule": rule, "round": rnd,
+                            "seconds": t, "GBps": bw / 1e9, "fraction_of_copy": bw / copy_bw})
+            if sweep and rnd == "nearest":
+                for br in (8, 16, 32, 64):
+                    for bc in (64, 128):
+                        if (cols + 63) // 64 * 64 % bc:
+                            continue
+                        t = time_cuda(lambda: quantize_triton(x, rule, validate=False, amax=amax,
+                                                              block_rows=br, block_cols=bc))
+                        bw = q_bytes / t
+                        out.append({"shape_name": name, "shape": [rows, cols], "op": "quantize_kernel_sweep",
+                                    "rule": rule, "block": [br, bc], "seconds": t, "GBps": bw / 1e9,
+                                    "fraction_of_copy": bw / copy_bw})
+        q = quantize_triton(x, "mse")
+        d_bytes = n // 2 + n // 16 + n * 2
+        for dt in (torch.bfloat16, torch.float32):
+            b = d_bytes + (n * 2 if dt == torch.float32 else 0)
+            t = time_cuda(lambda: dequantize_triton(q, dt))
+            out.append({"shape_name": name, "shape": [rows, cols], "op": f"dequantize_{str(dt)[6:]}",
+                        "seconds": t, "GBps": b / t / 1e9, "fraction_of_copy": b / t / copy_bw})
+            if sweep and dt == torch.bfloat16:
+                for br in (8, 16, 32, 64):
+                    for bc in (64, 128):
+                        if (cols + 63) // 64 * 64 % bc:
+                            continue
+                        t = time_cuda(lambda: dequantize_triton(q, dt, block_rows=br, block_cols=bc))
+                        out.append({"shape_name": name, "shape": [rows, cols], "op": "dequantize_sweep",
+                                    "block": [br, bc], "seconds": t, "GBps": d_bytes / t / 1e9,
+                                    "fraction_of_copy": d_bytes / t / copy_bw})
+        # for scale: the pure-PyTorch reference on the same input
+        t = time_cuda(lambda: nv.quantize(x, "mse"), reps=2, repeats=3)
+        out.append({"shape_name": name, "shape": [rows, cols], "op": "reference_quantize_torch", "rule": "mse",
+                    "seconds": t, "GBps": q_bytes / t / 1e9, "fraction_of_copy": q_bytes / t / copy_bw})
+    return out
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main() -> int:
+    """Run the checks and timings; exit code 1 if any bit mismatch was found."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-sweep", action="store_true", help="skip the tile-shape sweep")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not torch.cuda.is_available():
+        logger.error("CUDA is not available; this benchmark needs a GPU")
+        return 2
+    import triton
+
+    device = torch.device("cuda")
+    t0 = time.time()
+    exact = check_exactness(device)
+    logger.info("exactness: %d/%d cases exact (%.1f s)", sum(r["exact"] for r in exact), len(exact), time.time() - t0)
+    copy_bw = copy_bandwidth(device)
+    logger.info("device-to-device copy: %.1f GB/s", copy_bw / 1e9)
+    perf = throughput(device, copy_bw, sweep=not args.no_sweep)
+    report = {
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "commit": _commit(),
+        "all_exact": all(r["exact"] for r in exact),
+        "n_exact_cases": len(exact),
+        "mismatches": [r for r in exact if not r["exact"]],
+        "copy_GBps": copy_bw / 1e9,
+        "throughput": perf,
+        "seconds_total": time.time() - t0,
+    }
+    text = json.dumps(report, indent=1)
+    sys.stdout.write(text + "\n")
+    if os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / "nvfp4_kernels.json"
+        path.write_text(text)
+        logger.info("wrote %s", path)
+    return 0 if report["all_exact"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

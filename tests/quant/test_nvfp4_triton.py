@@ -1,0 +1,182 @@
+"""Triton NVFP4 kernels vs the reference, bit for bit, under the Triton CPU interpreter.
+
+TRITON_INTERPRET must be set before triton is imported, and setting it in the pytest process would
+leak into other tests, so the kernels run in one child process (this file executed as a script)
+that reports a JSON summary; the tests below assert on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+RESULT_TAG = "NVFP4_TRITON_RESULTS "
+
+# name -> (rows, cols, data kind, input dtype, rule, round, block_cols)
+QUANT_CASES: dict[str, tuple[int, int, str, str, str, str, int | None]] = {
+    "static6_nearest_small": (3, 16, "wide", "float32", "static_6", "nearest", None),
+    "static6_nearest_odd_shape": (130, 200, "wide", "float32", "static_6", "nearest", None),
+    "static6_bf16_in": (64, 128, "wide", "bfloat16", "static_6", "nearest", 128),
+    "static4_nearest": (40, 96, "wide", "float32", "static_4", "nearest", 64),
+    "mse_nearest": (100, 80, "wide", "float32", "mse", "nearest", None),
+    "mse_nearest_bf16_in": (128, 128, "gauss", "bfloat16", "mse", "nearest", 64),
+    "mae_nearest": (50, 64, "wide", "float32", "mae", "nearest", None),
+    "abs_max_nearest": (50, 64, "wide", "float32", "abs_max", "nearest", None),
+    "static6_stochastic": (60, 72, "wide", "float32", "static_6", "stochastic", None),
+    "mse_stochastic": (60, 72, "wide", "float32", "mse", "stochastic", None),
+    "abs_max_stochastic": (33, 48, "gauss", "float16", "abs_max", "stochastic", None),
+    "exact_ties": (1, 32, "ties", "float32", "static_6", "nearest", None),
+    "all_zero_mse": (7, 40, "zero", "float32", "mse", "nearest", None),
+}
+
+
+def _data(rows: int, cols: int, kind: str, dtype: str, seed: int) -> torch.Tensor:
+    """Test inputs: 'wide' spans 1e-7..1e2 across 16-blocks (E4M3-subnormal scales) with zero blocks."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":
+        tie_x = [0.125, 0.375, 0.625, 0.875, 1.25, 1.75, 2.5]
+        x = torch.tensor([[5.25] + [0.0] * 15 + tie_x + [-v for v in tie_x] + [3.0, 0.25]])
+    elif kind == "zero":
+        x = torch.zeros(rows, cols)
+    else:
+        x = torch.randn(rows, cols, generator=g)
+        if kind == "wide":
+            nb = -(-cols // 16)
+            mag = 10.0 ** (torch.rand(rows, nb, generator=g) * 9 - 7)
+            mag[torch.rand(rows, nb, generator=g) < 0.1] = 0.0
+            x = x * mag.repeat_interleave(16, dim=1)[:, :cols]
+    return x.to(getattr(torch, dtype))
+
+
+def _child() -> dict[str, object]:
+    """Run every kernel check under the interpreter; returns a JSON-able summary.
+
+    Needs the module globals set up in the __main__ block (triton imported in interpret mode).
+    """
+    out: dict[str, object] = {}
+    # float32 -> E4M3 / bfloat16 rounding helpers on every E4M3 value, midpoint, and neighbours
+    grid = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (grid[1:] + grid[:-1]) / 2
+    p = torch.cat([grid, mids, torch.nextafter(mids, torch.zeros_like(mids)),
+                   torch.nextafter(mids, torch.full_like(mids, 500.0)),
+                   torch.rand(4000, generator=torch.Generator().manual_seed(0)) * 448,
+                   10.0 ** (torch.rand(4000, generator=torch.Generator().manual_seed(1)) * 6 - 5)])
+    p = p.clamp(max=448.0).contiguous()
+    code = torch.empty(p.numel(), dtype=torch.int32)
+    val = torch.empty_like(p)
+    bf = torch.empty(p.numel(), dtype=torch.int16)
+    _probe[(triton.cdiv(p.numel(), 1024),)](p, code, val, bf, p.numel(), BLOCK=1024)
+    ref8 = p.to(torch.float8_e4m3fn)
+    out["e4m3_codes"] = bool(torch.equal(code, ref8.view(torch.uint8).to(torch.int32)))
+    out["e4m3_values"] = bool(torch.equal(val, ref8.float()))
+    bf_in = torch.cat([p, -p, torch.randn(2000) * 1e3])
+    bf_out = torch.empty(bf_in.numel(), dtype=torch.int16)
+    _probe[(triton.cdiv(bf_in.numel(), 1024),)](bf_in, torch.empty(bf_in.numel(), dtype=torch.int32),
+                                               torch.empty_like(bf_in), bf_out, bf_in.numel(), BLOCK=1024)
+    ties = (torch.randint(0, 0x7F7F, (500,), dtype=torch.int32, generator=torch.Generator().manual_seed(2)) << 16 | 0x8000).view(torch.float32)
+    bf_ties = torch.empty(500, dtype=torch.int16)
+    _probe[(1,)](ties, torch.empty(500, dtype=torch.int32), torch.empty_like(ties), bf_ties, 500, BLOCK=512)
+    out["bf16_rounding"] = bool(torch.equal(bf_out, bf_in.to(torch.bfloat16).view(torch.int16))) and bool(
+        torch.equal(bf_ties, ties.to(torch.bfloat16).view(torch.int16)))
+
+    for i, (name, (rows, cols, kind, dtype, rule, rnd, bc)) in enumerate(QUANT_CASES.items()):
+        x = _data(rows, cols, kind, dtype, seed=i)
+        u = torch.rand(x.shape, generator=torch.Generator().manual_seed(100 + i)) if rnd == "stochastic" else None
+        qr = nv.quantize(x, rule, round=rnd, uniform=u)
+        qt = nt.quantize_triton(x, rule, round=rnd, uniform=u, block_cols=bc)
+        deq = {}
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            a, b = nt.dequantize_triton(qr, dt, block_cols=bc), nv.dequantize(qr, dt)
+            deq[str(dt)] = bool(torch.equal(a, b)) and not bool(torch.isnan(a).any())
+        out[name] = {
+            "values": bool(torch.equal(qt.values, qr.values)),
+            "value_mismatches": int((qt.values != qr.values).sum()),
+            "scales": bool(torch.equal(qt.scale_factors.view(torch.uint8), qr.scale_factors.view(torch.uint8))),
+            "amax": bool(torch.equal(qt.amax, qr.amax)),
+            "metadata": bool(torch.equal(qt.metadata, qr.metadata)),
+            "dequant": deq,
+        }
+    bad = torch.randn(4, 32)
+    bad[0, 0] = float("nan")
+    try:
+        nt.quantize_triton(bad)
+        out["rejects_nan"] = False
+    except ValueError as exc:
+        out["rejects_nan"] = "1 of 128 values are not finite" in str(exc)
+    return out
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, object]:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    assert proc.returncode == 0 and lines, f"interpreter child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+def test_e4m3_and_bf16_bit_rounding_match_torch(interpreter_results: dict) -> None:
+    assert interpreter_results["e4m3_codes"]
+    assert interpreter_results["e4m3_values"]
+    assert interpreter_results["bf16_rounding"]
+
+
+@pytest.mark.parametrize("case", list(QUANT_CASES))
+def test_triton_quantize_and_dequantize_bit_exact(interpreter_results: dict, case: str) -> None:
+    r = interpreter_results[case]
+    assert r["values"], r
+    assert r["scales"] and r["amax"] and r["metadata"], r
+    assert all(r["dequant"].values()), r
+
+
+def test_triton_wrapper_rejects_nan(interpreter_results: dict) -> None:
+    assert interpreter_results["rejects_nan"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", ["static_6", "mse", "abs_max"])
+@pytest.mark.parametrize("rnd", ["nearest", "stochastic"])
+def test_cuda_kernels_bit_exact(rule: str, rnd: str) -> None:
+    pytest.importorskip("triton")
+    from longlive.quant import nvfp4 as nv
+    from longlive.quant import nvfp4_triton as nt
+
+    x = _data(300, 520, "wide", "bfloat16", seed=3).cuda()
+    u = torch.rand(x.shape, device="cuda") if rnd == "stochastic" else None
+    qr = nv.quantize(x, rule, round=rnd, uniform=u)
+    qt = nt.quantize_triton(x, rule, round=rnd, uniform=u)
+    assert torch.equal(qt.values, qr.values)
+    assert torch.equal(qt.scale_factors.view(torch.uint8), qr.scale_factors.view(torch.uint8))
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(nt.dequantize_triton(qr, dt), nv.dequantize(qr, dt))
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1 (the pytest fixture does this)")
+    import triton
+    import triton.language as tl
+
+    from longlive.quant import nvfp4 as nv
+    from longlive.quant import nvfp4_triton as nt
+
+    @triton.jit
+    def _probe(p_ptr, code_ptr, val_ptr, bf_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        p = tl.load(p_ptr + offs, mask=m, other=0.0)
+        code, val = nt._e4m3_round(p)
+        tl.store(code_ptr + offs, code, mask=m)
+        tl.store(val_ptr + offs, val, mask=m)
+        tl.store(bf_ptr + offs, nt._bf16_bits(p), mask=m)
+
+    print(RESULT_TAG + json.dumps(_child()), flush=True)
