@@ -50,3 +50,12 @@ def smooth_video(b: int, t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
 def vh():
     """The helper functions of this conftest (random_vae, diffusers_vae, randomize_, smooth_video)."""
     return sys.modules[__name__]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convolutions run fastest single-threaded; avoids OpenMP spin contention on shared CPUs."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
