@@ -52,7 +52,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> int:
     if a.shape != b.shape:
         return -1
     if a.is_floating_point():
-        a = a.view(torch.uint8) if a.element_size() == 1 else a.view({2: torch.int16, 4: torch.int32}[a.element_size()])
+        a = a.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()])
         b = b.view(a.dtype)
     return int((a != b).sum())
 
@@ -218,7 +218,8 @@ def main() -> int:
     device = torch.device("cuda")
     t0 = time.time()
     exact = check_exactness(device)
-    logger.info("exactness: %d/%d cases exact (%.1f s)", sum(r["exact"] for r in exact), len(exact), time.time() - t0)
+    n_ok = sum(r["exact"] for r in exact)
+    logger.info("exactness: %d/%d cases exact (%.1f s)", n_ok, len(exact), time.time() - t0)
     copy_bw = copy_bandwidth(device)
     logger.info("device-to-device copy: %.1f GB/s", copy_bw / 1e9)
     perf = throughput(device, copy_bw, sweep=not args.no_sweep)

@@ -79,7 +79,8 @@ def _child() -> dict[str, object]:
     bf_out = torch.empty(bf_in.numel(), dtype=torch.int16)
     _probe[(triton.cdiv(bf_in.numel(), 1024),)](bf_in, torch.empty(bf_in.numel(), dtype=torch.int32),
                                                torch.empty_like(bf_in), bf_out, bf_in.numel(), BLOCK=1024)
-    ties = (torch.randint(0, 0x7F7F, (500,), dtype=torch.int32, generator=torch.Generator().manual_seed(2)) << 16 | 0x8000).view(torch.float32)
+    high = torch.randint(0, 0x7F7F, (500,), dtype=torch.int32, generator=torch.Generator().manual_seed(2))
+    ties = (high << 16 | 0x8000).view(torch.float32)  # exactly halfway between two bfloat16 values
     bf_ties = torch.empty(500, dtype=torch.int16)
     _probe[(1,)](ties, torch.empty(500, dtype=torch.int32), torch.empty_like(ties), bf_ties, 500, BLOCK=512)
     out["bf16_rounding"] = bool(torch.equal(bf_out, bf_in.to(torch.bfloat16).view(torch.int16))) and bool(
@@ -120,7 +121,9 @@ def interpreter_results() -> dict[str, object]:
         [sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=300
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
-    assert proc.returncode == 0 and lines, f"interpreter child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0 and lines, (
+        f"interpreter child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return json.loads(lines[-1][len(RESULT_TAG):])
 
 

@@ -464,7 +464,8 @@ def quantize(
     xp = torch.nn.functional.pad(xf, (0, pcol - cols, 0, prow - rows))
     u = None
     if round == "stochastic":
-        u = torch.nn.functional.pad(_draw_uniform(xf, generator, uniform).to(xf.device), (0, pcol - cols, 0, prow - rows))
+        u = _draw_uniform(xf, generator, uniform).to(xf.device)
+        u = torch.nn.functional.pad(u, (0, pcol - cols, 0, prow - rows))
 
     scols = pcol // BLOCK_SIZE
     if block_2d:

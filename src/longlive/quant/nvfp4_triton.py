@@ -292,7 +292,9 @@ def quantize_triton(
     if amax is None:
         amax = torch.linalg.vector_norm(x.detach(), ord=math.inf).to(torch.float32).reshape(1)
     elif amax.dtype != torch.float32 or amax.numel() != 1 or amax.device != x.device:
-        raise ValueError(f"amax must be a 1-element float32 tensor on {x.device}, got {amax.dtype} {tuple(amax.shape)}")
+        raise ValueError(
+            f"amax must be a 1-element float32 tensor on {x.device}, got {amax.dtype} {tuple(amax.shape)}"
+        )
     else:
         amax = amax.reshape(1)
     if validate and not bool(torch.isfinite(amax).all()):
