@@ -85,7 +85,7 @@ def resolve_generator_weights(cfg: Config) -> Optional[Path]:
             f"Set it to a LongLive checkpoint, or set 'checkpoints.random_weights: true' to run with random weights "
             f"(tests and smoke runs only)."
         )
-    return require_path(cfg, "checkpoints.generator_ckpt", kind="file")
+    return require_path(cfg, "checkpoints.generator_ckpt", kind="any")  # a file or a Wan/diffusers folder
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:

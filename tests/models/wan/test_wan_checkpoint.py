@@ -78,7 +78,7 @@ def test_partial_or_wrong_checkpoint_names_keys(source, tmp_path):
     msg = str(err.value)
     assert "1 missing keys: blocks.1.ffn.0.weight" in msg
     assert "1 unexpected keys: blocks.0.extra.weight" in msg
-    assert "head.head.bias: checkpoint (3,) vs model (32,)" in msg
+    assert "head.head.bias: checkpoint (3,) vs model (192,)" in msg
 
 
 def test_special_checkpoints_are_explained(tmp_path, source):

@@ -147,5 +147,5 @@ PRESETS: dict[str, WanConfig] = {
     "wan2.2-ti2v-5b": WanConfig(),
     # 2 heads of 32 -> RoPE pairs (6, 5, 5), exercising the same split code as 128 -> (22, 21, 21).
     "tiny": WanConfig(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, num_heads=2, num_layers=2,
-                      in_dim=8, out_dim=8, text_len=16),
+                      in_dim=48, out_dim=48, text_len=16),
 }

@@ -1,0 +1,64 @@
+"""`longlive generate --config C [field=value ...]`: long videos for every prompt of a config.
+
+Runs on CPU, one GPU, or under `torchrun` (data parallel: rank r takes prompts r, r+W, r+2W, ...,
+so every prompt is generated exactly once whatever the world size; no collectives are needed).
+The seed of prompt i is `logging.seed + i`, so a video does not depend on the number of ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("longlive.generate")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config (e.g. configs/inference.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. inference.sampling_steps=2")
+    p.add_argument("--output-folder", help="overrides inference.output_folder")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..config import load_config
+    from ..data.prompts import load_prompts_from_config
+    from ..pipelines.inference import InferencePipeline, output_stem
+
+    cfg = load_config(args.config, args.overrides)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if args.device:
+        device = torch.device(args.device)
+    elif torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    samples = load_prompts_from_config(cfg)
+    limit = cfg.inference.inference_iter
+    if limit >= 0:
+        if limit < len(samples):
+            log.info("inference_iter=%d: generating the first %d of %d prompts", limit, limit, len(samples))
+        samples = samples[:limit]
+    jobs = [(i, j) for i in range(len(samples)) for j in range(cfg.inference.num_samples)]
+    mine = jobs[rank::world]
+    log.info("rank %d/%d: %d of %d videos (%d prompts x %d samples)", rank, world, len(mine), len(jobs), len(samples),
+             cfg.inference.num_samples)
+    if not mine:
+        return 0
+    pipe = InferencePipeline.from_config(cfg, device=device, dtype=dtype)
+    out_dir = Path(args.output_folder or cfg.inference.output_folder)
+    for i, j in mine:
+        seed = cfg.logging.seed + i + 100_000 * j
+        stem = output_stem(i, samples[i], seed)
+        result = pipe.generate(samples[i], seed, out_dir, stem, progress=not args.no_progress)
+        log.info("wrote %s: %d latent frames -> %d frames in %.1f s", result.path, result.latent_frames,
+                 result.pixel_frames, result.seconds)
+    return 0

@@ -1,0 +1,217 @@
+"""Long-video inference from a config: prompts -> text embeddings -> chunked DiT -> decode -> MP4.
+
+`InferencePipeline.from_config(cfg)` builds the components once (DiT with optional LoRA, text
+encoder, VAE); `generate(sample, seed, out_stem)` writes one video (and its prompts sidecar)
+with frames appended to the MP4 as each chunk is decoded when `inference.streaming_vae` is on.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..config.paths import check_generator_checkpoint, require_path, resolve_generator_weights
+from ..data.prompts import PromptSample
+from ..io.checkpoint import write_torch
+from ..models.wan import WanConfig, WanModel
+from ..models.wan.lora import apply_lora, load_lora_state_dict, merge_lora, read_lora_checkpoint
+from ..models.wan.state_dict import load_weights
+from .chunked import ChunkedOptions, generate_latents
+
+log = logging.getLogger(__name__)
+
+
+def chunked_options(cfg: Config) -> ChunkedOptions:
+    """Sampling/cache options of a config (inference section first, model_kwargs as fallback)."""
+    inf = cfg.inference
+    return ChunkedOptions(
+        sampling_steps=inf.sampling_steps, guidance_scale=inf.guidance_scale, chunk_frames=cfg.frames_per_chunk,
+        local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size, multi_shot_sink=inf.multi_shot_sink,
+        multi_shot_rope_offset=inf.multi_shot_rope_offset, shot_clean_recache=inf.shot_clean_recache,
+        t_scale=inf.inference_t_scale, timestep_shift=cfg.model_kwargs.timestep_shift,
+    )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_generator(cfg: Config, device: torch.device, dtype: torch.dtype) -> WanModel:
+    """The DiT of a config: weights from `checkpoints.generator_ckpt` (or explicit random weights),
+    then the LoRA of `checkpoints.lora_ckpt` (adapter section), merged when `merge_lora` is set."""
+    wan_cfg = WanConfig.preset(cfg.model_preset)
+    weights = resolve_generator_weights(cfg)
+    if weights is None:
+        torch.manual_seed(cfg.logging.seed)
+        model = WanModel(wan_cfg)
+        log.warning("generator: RANDOM weights (checkpoints.random_weights: true)")
+    else:
+        if weights.is_file():
+            check_generator_checkpoint(cfg, weights)  # e.g. a merged export together with lora_ckpt
+        with torch.device("meta"):
+            model = WanModel(wan_cfg)
+        meta = load_weights(model, weights, use_ema=cfg.inference.use_ema)
+        log.info("generator: %s (%s)", weights, meta.get("checkpoint_format", "weights"))
+    if cfg.checkpoints.lora_ckpt:
+        if cfg.adapter is None:
+            raise ValueError(f"{cfg.source}: checkpoints.lora_ckpt is set but there is no `adapter` section (rank, alpha)")
+        lora_path = require_path(cfg, "checkpoints.lora_ckpt", kind="file")
+        apply_lora(model, cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.dropout)
+        state, _ = read_lora_checkpoint(lora_path)
+        load_lora_state_dict(model, state, source=str(lora_path))
+        if cfg.merge_lora:
+            merge_lora(model)
+            log.info("LoRA %s merged into the generator", lora_path)
+        else:
+            log.info("LoRA %s applied at run time", lora_path)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def build_text_encoder(cfg: Config, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtype):
+    """UMT5-XXL from the Wan folder, or the weight-free hash encoder for the tiny preset."""
+    if cfg.model_preset == "tiny":
+        from ..models.text.small import HashTextEncoder
+
+        return HashTextEncoder(wan_cfg.text_dim, wan_cfg.text_len, seed=0, device=device, dtype=dtype)
+    from ..io.model_folder import resolve_wan_model_folder
+    from ..models.text import TextEncoder
+
+    paths = resolve_wan_model_folder(require_path(cfg, "checkpoints.wan_model_dir", kind="dir"), components=("text_encoder", "tokenizer"))
+    return TextEncoder.from_pretrained(paths.text_encoder, paths.tokenizer, dtype=dtype, device=device, offload_after_encode=True)
+
+
+def build_vae(cfg: Config, device: torch.device, dtype: torch.dtype):
+    """The VAE of `inference.vae_type`: Wan2.2 / LightVAE from their files, or the tiny random one."""
+    from ..models.vae import WanVAE, WanVAEConfig, load_vae
+
+    vae_type = cfg.inference.vae_type
+    if vae_type == "tiny":
+        torch.manual_seed(cfg.logging.seed + 1)
+        return WanVAE(WanVAEConfig.preset("tiny")).to(device=device, dtype=dtype).eval()
+    if vae_type == "wan":
+        from ..io.model_folder import resolve_wan_model_folder
+
+        path = resolve_wan_model_folder(require_path(cfg, "checkpoints.wan_model_dir", kind="dir"), components=("vae",)).vae
+    else:
+        name = "MG-LightVAE.pth" if vae_type == "mg_lightvae" else "MG-LightVAE_v2.pth"
+        path = require_path(cfg, "checkpoints.lightvae_dir", kind="dir") / name
+    return load_vae(path, vae_type=vae_type, dtype=dtype, device=device).eval()
+
+
+def prompt_runs(prompts: list[str]) -> list[tuple[list[int], str]]:
+    """Runs of identical consecutive chunk prompts: [([0, 1, 2], "a ..."), ([3], "b ...")]."""
+    runs: list[tuple[list[int], str]] = []
+    for i, p in enumerate(prompts):
+        if runs and runs[-1][1] == p:
+            runs[-1][0].append(i)
+        else:
+            runs.append(([i], p))
+    return runs
+
+
+def output_stem(index: int, sample: PromptSample, seed: int) -> str:
+    """Stable, readable file stem: `0003-robot_lab_demo-seed42`."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", sample.name).strip("_")[:60] or "sample"
+    return f"{index:04d}-{slug}-seed{seed}"
+
+
+@dataclass
+class GenerationResult:
+    path: Path
+    latent_frames: int
+    pixel_frames: int
+    seconds: float
+    dit_seconds: float
+
+
+class InferencePipeline:
+    """The components of one run and the per-sample generation."""
+
+    def __init__(self, cfg: Config, generator: WanModel, text_encoder: Any, vae: Any, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.generator, self.text_encoder, self.vae = cfg, generator, text_encoder, vae
+        self.device, self.dtype = device, dtype
+        self.options = chunked_options(cfg)
+
+    @classmethod
+    def from_config(cls, cfg: Config, device: torch.device | None = None, dtype: torch.dtype | None = None) -> "InferencePipeline":
+        device = device or default_device()
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        generator = build_generator(cfg, device, dtype)
+        text = build_text_encoder(cfg, generator.config, device, dtype)
+        vae = None if cfg.inference.save_latents_only else build_vae(cfg, device, dtype)
+        return cls(cfg, generator, text, vae, device, dtype)
+
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        shape = self.cfg.data.image_or_video_shape
+        if not shape or len(shape) != 5:
+            raise ValueError(f"{self.cfg.source}: data.image_or_video_shape must be [B, F, C, H, W], got {shape}")
+        _, _, c, h, w = shape
+        if c != self.generator.config.in_dim:
+            raise ValueError(f"{self.cfg.source}: data.image_or_video_shape has {c} channels, the model takes {self.generator.config.in_dim}")
+        return c, self.cfg.latent_frames, h, w
+
+    @torch.no_grad()
+    def generate(self, sample: PromptSample, seed: int, out_dir: Path, stem: str, progress: bool = True) -> GenerationResult:
+        """Generate one video for `sample` and write `<stem>.mp4` (or `.pt` latents) plus `<stem>.prompts.txt`."""
+        from tqdm import tqdm
+
+        c, f, h, w = self.latent_shape()
+        n = self.options.chunk_frames
+        if sample.num_chunks != f // n:
+            raise ValueError(f"{sample.source}: {sample.num_chunks} chunk prompts for {f // n} chunks")
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn(1, c, f, h, w, generator=g).to(self.device, self.dtype)
+        prompts = self.text_encoder.encode_chunks([sample.prompts]).to(self.device, self.dtype)
+        neg = None
+        if self.options.guidance_scale != 1.0:
+            neg = self.text_encoder.encode([self.cfg.inference.negative_prompt]).to(self.device, self.dtype)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{stem}.prompts.txt").write_text(
+            "".join(f"{idx} {p}\n" for idx, p in prompt_runs(sample.prompts)))
+        save_latents = self.cfg.inference.save_latents_only
+        streaming = self.cfg.inference.streaming_vae and not save_latents
+        writer = decoder = None
+        path = out_dir / (f"{stem}.pt" if save_latents else f"{stem}.mp4")
+        if not save_latents:
+            from ..io.video import Mp4Writer
+
+            writer = Mp4Writer(path, fps=24)
+            decoder = self.vae.stream_decoder() if streaming else None
+        bar = tqdm(total=f // n, desc=stem, unit="chunk", disable=not progress)
+        t0 = time.perf_counter()
+        frames_out = 0
+
+        def on_chunk(k: int, x: torch.Tensor) -> None:
+            nonlocal frames_out
+            if decoder is not None:
+                video = decoder.decode_chunk(x)
+                writer.append(video[0].permute(1, 0, 2, 3).float().add(1).mul(0.5).clamp(0, 1).cpu())
+                frames_out += video.shape[2]
+            else:
+                frames_out += 4 * n - (3 if k == 0 else 0)
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(frames=frames_out, fps=f"{frames_out / max(elapsed, 1e-9):.2f}")
+            bar.update(1)
+
+        try:
+            latents = generate_latents(self.generator, noise, prompts, options=self.options,
+                                       scene_cuts=[sample.scene_cuts], negative_embeds=neg, on_chunk=on_chunk)
+            dit_seconds = time.perf_counter() - t0
+            if save_latents:
+                write_torch({"latents": latents.permute(0, 2, 1, 3, 4).contiguous().cpu(), "prompts": list(sample.prompts),
+                             "seed": seed}, path)
+            elif decoder is None:
+                video = self.vae.decode(latents)
+                writer.append(video[0].permute(1, 0, 2, 3).float().add(1).mul(0.5).clamp(0, 1).cpu())
+                frames_out = video.shape[2]
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        return GenerationResult(path, f, 1 + 4 * (f - 1), time.perf_counter() - t0, dit_seconds)
