@@ -146,10 +146,10 @@ def test_key_accepted_in_any_flattened_section_or_top_level():
     assert a.data.chunks_per_shot == 2 and a.inference.sink_size == 8
     d = config_from_dict({"infra": {"model_quant": True}, "inference": {"kv_quant": True}})
     assert d.model_quant and d.inference.kv_quant
-    e = config_from_dict({"model_name": "tiny", "num_frame_per_block": 8, "data": {"image_or_video_shape": [1, 8, 8, 4, 4]}})
+    e = config_from_dict({"model_name": "tiny", "num_frame_per_block": 8, "data": {"image_or_video_shape": [1, 8, 48, 4, 4]}})
     assert e.model_kwargs.model_name == "tiny" and e.model_preset == "tiny"
     f = config_from_dict({"model": {"name": "tiny", "kwargs": {"local_attn_size": 24}},
-                          "data": {"image_or_video_shape": [1, 8, 8, 4, 4]}})
+                          "data": {"image_or_video_shape": [1, 8, 48, 4, 4]}})
     assert f.model_kwargs.local_attn_size == 24 and f.model_preset == "tiny"
 
 
@@ -268,7 +268,7 @@ def test_file_level_errors(tmp_path):
 
 def test_model_name_mapping():
     assert config_from_dict({"model_kwargs": {"model_name": "Wan2.2-TI2V-5B"}}).model_preset == "wan2.2-ti2v-5b"
-    tiny = config_from_dict({"model_kwargs": {"model_name": "tiny"}, "data": {"image_or_video_shape": [1, 8, 8, 4, 4]}})
+    tiny = config_from_dict({"model_kwargs": {"model_name": "tiny"}, "data": {"image_or_video_shape": [1, 8, 48, 4, 4]}})
     assert tiny.model_preset == "tiny" and tiny.num_heads == 2
 
 

@@ -52,8 +52,8 @@ def test_frames_not_multiple_of_chunk(tmp_path):
 def test_shape_must_have_five_entries_and_match_model(tmp_path):
     msg = _error(_cfg(tmp_path, data={"image_or_video_shape": [1, 128, 48, 44]}))
     assert "'data.image_or_video_shape'" in msg and "5 positive integers" in msg
-    msg = _error(_cfg(tmp_path, model_kwargs={"model_name": "tiny"}))
-    assert "'data.image_or_video_shape'" in msg and "latent channels C=48" in msg
+    msg = _error(_cfg(tmp_path, model_kwargs={"model_name": "tiny"}, data={"image_or_video_shape": [1, 128, 16, 44, 80]}))
+    assert "'data.image_or_video_shape'" in msg and "latent channels C=16" in msg
 
 
 def test_sink_must_be_whole_chunks(tmp_path):

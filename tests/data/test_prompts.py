@@ -128,10 +128,10 @@ def test_from_config(monkeypatch):
 def test_config_mismatch_policy_is_used(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     folder = _sample(tmp_path / "s", ["A", "B"], "2 2")
-    cfg = load_config("configs/tiny.yaml", [f"data.data_path={folder}", "data.image_or_video_shape=[1, 24, 8, 8, 8]"])
+    cfg = load_config("configs/tiny.yaml", [f"data.data_path={folder}", "data.image_or_video_shape=[1, 24, 48, 8, 8]"])
     with pytest.raises(PromptFileError, match="gives 4 chunks but the video has 3"):
         load_prompts_from_config(cfg)
-    cfg = load_config("configs/tiny.yaml", [f"data.data_path={folder}", "data.image_or_video_shape=[1, 24, 8, 8, 8]",
+    cfg = load_config("configs/tiny.yaml", [f"data.data_path={folder}", "data.image_or_video_shape=[1, 24, 48, 8, 8]",
                                             "data.prompt_length_mismatch=truncate"])
     assert load_prompts_from_config(cfg)[0].prompts == ["A", "A", P + "B"]
 
