@@ -9,8 +9,8 @@ disabled at launch. Only features present in Triton 3.6 are used.
 
 from __future__ import annotations
 
-import logging
 import math
+import os
 
 import torch
 import triton
@@ -25,8 +25,6 @@ from longlive.quant.nvfp4 import (
     rule_maxima,
     tensor_scales,
 )
-
-logger = logging.getLogger(__name__)
 
 _RULE_IDS = {"static_6": 0, "static_4": 0, "mse": 1, "mae": 2, "abs_max": 3}
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -253,13 +251,22 @@ def _dequantize_kernel(
 
 def _block_shape(padded_cols: int, block_rows: int | None, block_cols: int | None) -> tuple[int, int]:
     bc = block_cols or (128 if padded_cols % 128 == 0 else 64)
-    br = block_rows or 32
+    br = block_rows or 16
     if padded_cols % bc or 128 % br or bc % 16 or bc & (bc - 1) or br & (br - 1):
         raise ValueError(
             f"block shape ({br}, {bc}) must be powers of two with 128 % rows == 0 and padded cols "
             f"{padded_cols} % cols == 0"
         )
     return br, bc
+
+
+def _check_device(t: torch.Tensor) -> None:
+    """CPU tensors only work under the Triton interpreter; say so instead of failing inside Triton."""
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "NVFP4 Triton kernels need a CUDA tensor (CPU tensors run only under TRITON_INTERPRET=1, "
+            "set before triton is imported); use longlive.quant.nvfp4.quantize/dequantize on CPU"
+        )
 
 
 def quantize_triton(
@@ -284,6 +291,7 @@ def quantize_triton(
         raise ValueError(f"round must be 'nearest' or 'stochastic', got {round!r}")
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"quantize_triton expects a 2-D floating tensor, got {x.dtype} {tuple(x.shape)}")
+    _check_device(x)
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows, cols = x.shape
@@ -342,6 +350,7 @@ def dequantize_triton(
     """Dequantize to float32 / bfloat16 / float16 [orig rows, orig cols]; bit-identical to the reference."""
     if dtype not in _OUT_KINDS:
         raise ValueError(f"dequantize_triton supports {list(_OUT_KINDS)}, got {dtype}")
+    _check_device(q.values)
     rows, cols = q.shape
     prow, pcol = q.padded_shape
     br, bc = _block_shape(pcol, block_rows, block_cols)
