@@ -106,3 +106,21 @@ def test_cli_flat_keys_defaults_and_errors(tmp_path, capsys, caplog) -> None:
     assert "field infra.sequence_parallel_size must be an integer" in caplog.text
     assert main(["vae-halo", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in caplog.text
+
+
+def test_halo_of_27_latents_covers_the_wan22_encoder_receptive_field() -> None:
+    """With the Wan2.2 block structure a latent depends on the frames of at most 27 earlier latents:
+    a halo of 27 reproduces the full encode exactly, 26 does not (the reference uses 28)."""
+    from longlive.models.vae import WanVAE, WanVAEConfig
+
+    torch.manual_seed(0)
+    vae = WanVAE(WanVAEConfig.preset("wan2.2").replace(enc_dim=2, dec_dim=2)).eval()
+    frames = 30
+    gen = torch.Generator().manual_seed(1)
+    video = torch.rand(1, 3, 1 + 4 * (frames - 1), 16, 16, generator=gen) * 2 - 1
+    full = vae.encode(video)[:, :, 29:]
+    exact = halo_window(29, 30, halo_latents=27, raw_frames=video.shape[2])
+    short = halo_window(29, 30, halo_latents=26, raw_frames=video.shape[2])
+    assert exact.raw_start == 4 and exact.pseudo_prefix == 1  # a real halo window, not the clip start
+    assert torch.equal(encode_halo_window(vae, video[:, :, exact.raw_start : exact.raw_end], exact), full)
+    assert not torch.equal(encode_halo_window(vae, video[:, :, short.raw_start : short.raw_end], short), full)

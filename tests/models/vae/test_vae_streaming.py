@@ -86,3 +86,14 @@ def test_config_presets_and_validation() -> None:
         WanVAEConfig.preset("wan2.1")
     with pytest.raises(ValueError, match="mean"):
         WanVAEConfig(z_dim=16)
+
+
+@pytest.mark.gpu
+def test_streaming_equals_full_decode_on_cuda_bf16(vh) -> None:
+    vae = vh.random_vae(seed=10).to(device="cuda", dtype=torch.bfloat16)
+    z = _latents(5, h=4, w=6).to("cuda")
+    full = vae.decode(z)
+    dec = vae.stream_decoder()
+    streamed = torch.cat([dec.decode_chunk(z[:, :, :2]), dec.decode_chunk(z[:, :, 2:])], dim=2)
+    assert streamed.device.type == "cuda" and streamed.dtype == torch.bfloat16
+    assert torch.equal(streamed, full)
