@@ -223,7 +223,7 @@ def _drop_named_keys(sd: StateDict, where: str) -> StateDict:
             "%s: dropping %d LightVAE training-only keys (prefix %s), e.g. %s",
             where, len(dropped), ", ".join(LIGHTVAE_DROPPED_PREFIXES), dropped[0],
         )
-    return {k: v for k, v in sd.items() if k not in set(dropped)}
+    return {k: v for k, v in sd.items() if not k.startswith(LIGHTVAE_DROPPED_PREFIXES)}
 
 
 def _check_fit(model: WanVAE, sd: Mapping[str, torch.Tensor], where: str) -> None:

@@ -6,8 +6,6 @@ and a chunked streaming decode execute the very same operations and agree bit fo
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn as nn
 
@@ -22,8 +20,6 @@ from longlive.models.vae.layers import (
     ResidualBlock,
     RMSNorm,
 )
-
-logger = logging.getLogger(__name__)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
