@@ -36,6 +36,7 @@ def test_lightvae_loads_with_inferred_width_and_round_trips(tmp_path, vh, caplog
         vae = load_vae(path, "mg_lightvae", config=BASE)
     assert (vae.config.enc_dim, vae.config.dec_dim) == (4, 4)
     assert "dynamic_feature_projection_heads." in caplog.text and "dropping 2" in caplog.text
+    assert "usually has decoder pruning" not in caplog.text  # 8 -> 4 channels is mg_lightvae's nominal 0.5
     for k, v in student.state_dict().items():
         assert torch.equal(vae.state_dict()[k], v), k
 
@@ -123,3 +124,14 @@ def test_loaded_dtype_and_device(vh) -> None:
     assert vae.dtype == torch.bfloat16 and not any(p.requires_grad for p in vae.parameters())
     out = vae.decode(torch.randn(1, 48, 2, 1, 1))
     assert out.dtype == torch.bfloat16 and out.shape == (1, 3, 5, 16, 16)
+
+
+@pytest.mark.parametrize("wrappers", [[], ["state_dict"], ["gen_model"], ["state_dict", "gen_model", "generator"]])
+def test_known_checkpoint_wrappers_are_unwrapped(tmp_path, vh, wrappers: list[str]) -> None:
+    sd = vh.random_vae(BASE).state_dict()
+    obj: dict = dict(sd)
+    for name in reversed(wrappers):
+        obj = {name: obj, "step": torch.tensor(3)}  # siblings of the wrapper are ignored
+    torch.save(obj, tmp_path / "wrapped.pth")
+    loaded = read_state_dict(tmp_path / "wrapped.pth")
+    assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
