@@ -99,6 +99,9 @@ def main() -> None:
 
     with torch.inference_mode():
         # first chunk of a fresh stream
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         first_ms = []
         for i in range(args.warmup + args.iters):
             dec = vae.stream_decoder()
@@ -108,6 +111,7 @@ def main() -> None:
                 first_ms.append(t.ms)
         first_frames = out.shape[2]
         del out
+        peak_first = torch.cuda.max_memory_allocated() if cuda else None
         # steady state: every timed chunk follows at least one decoded chunk of the same stream
         dec = vae.stream_decoder()
         dec.decode_chunk(chunks[0])
@@ -142,6 +146,7 @@ def main() -> None:
                          "frames_per_s": steady_frames / (steady / 1e3)},
         "weight_bytes": weight_bytes,
         "feature_cache_bytes": dec.cache.nbytes(),
+        "peak_gpu_bytes_first_chunk": peak_first,
         "peak_gpu_bytes_steady": peak,
         "peak_gpu_bytes_over_resident_steady": (peak - base_alloc) if cuda else None,
         "channels_last": args.channels_last,
