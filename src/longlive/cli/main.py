@@ -32,17 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # Parse just the command name first, then let the subcommand module add its own arguments.
-    args, _ = parser.parse_known_args(argv)
-    if args.command is None:
+    idx = next((i for i, a in enumerate(argv) if a in SUBCOMMANDS), None)
+    if idx is None:  # no subcommand: top-level options, --help, or an unknown command error
+        parser.parse_args(argv)
         parser.print_help()
         return 0
-    module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    sub_parser = argparse.ArgumentParser(prog=f"longlive {args.command}", description=SUBCOMMANDS[args.command][1])
+    top = parser.parse_args(argv[:idx])
+    name = argv[idx]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    sub_parser = argparse.ArgumentParser(prog=f"longlive {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub_parser)
-    idx = argv.index(args.command)
     sub_args = sub_parser.parse_args(argv[idx + 1 :])
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, str(top.log_level).upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s")
     return int(module.run(sub_args) or 0)
 
 
