@@ -41,7 +41,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         device = torch.device("cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    samples = load_prompts_from_config(cfg)
+    if cfg.i2v:
+        from ..config.paths import require_path
+        from ..data.prompts import load_image_prompts
+
+        samples = load_image_prompts(require_path(cfg, "data.data_path", kind="dir"), cfg.num_chunks,
+                                     scene_cut_prefix=cfg.inference.scene_cut_prefix, mismatch=cfg.data.prompt_length_mismatch)
+    else:
+        samples = load_prompts_from_config(cfg)
     limit = cfg.inference.inference_iter
     if limit >= 0:
         if limit < len(samples):

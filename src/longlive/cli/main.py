@@ -13,6 +13,7 @@ import sys
 
 # name -> (module, one-line help). Keep sorted by name.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "decode-latents": ("longlive.cli.decode_latents", "decode saved latents (.pt) to MP4 videos"),
     "export": ("longlive.cli.export", "export checkpoints (merge-lora: fold a LoRA into the generator)"),
     "generate": ("longlive.cli.generate", "generate long videos for the prompts of a config"),
     "vae-halo": ("longlive.cli.vae_halo", "print the chunk-halo VAE encoding windows per sequence-parallel rank"),

@@ -104,6 +104,19 @@ def build_vae(cfg: Config, device: torch.device, dtype: torch.dtype):
     return load_vae(path, vae_type=vae_type, dtype=dtype, device=device).eval()
 
 
+def load_image(path: Path, height: int, width: int) -> torch.Tensor:
+    """An RGB image as `[1, 3, 1, height, width]` in [-1, 1] (plain resize, as the reference does)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((width, height), Image.BICUBIC)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the I2V conditioning image: {exc}") from exc
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    return (x.permute(2, 0, 1).float() / 127.5 - 1.0)[None, :, None]
+
+
 def prompt_runs(prompts: list[str]) -> list[tuple[list[int], str]]:
     """Runs of identical consecutive chunk prompts: [([0, 1, 2], "a ..."), ([3], "b ...")]."""
     runs: list[tuple[list[int], str]] = []
@@ -144,7 +157,7 @@ class InferencePipeline:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         generator = build_generator(cfg, device, dtype)
         text = build_text_encoder(cfg, generator.config, device, dtype)
-        vae = None if cfg.inference.save_latents_only else build_vae(cfg, device, dtype)
+        vae = None if cfg.inference.save_latents_only and not cfg.i2v else build_vae(cfg, device, dtype)
         return cls(cfg, generator, text, vae, device, dtype)
 
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -168,6 +181,16 @@ class InferencePipeline:
         g = torch.Generator(device="cpu").manual_seed(seed)
         noise = torch.randn(1, c, f, h, w, generator=g).to(self.device, self.dtype)
         prompts = self.text_encoder.encode_chunks([sample.prompts]).to(self.device, self.dtype)
+        image_latent = None
+        if self.cfg.i2v:
+            image_path = getattr(sample, "image_path", None)
+            if image_path is None or self.vae is None:
+                raise ValueError(f"{sample.source}: i2v needs an image per prompt (images/<stem>.png + prompts/<stem>.txt) and a VAE")
+            stride = 16
+            image = load_image(Path(image_path), h * stride, w * stride).to(self.device, self.vae.dtype)
+            image_latent = self.vae.encode(image).to(self.dtype)
+            if image_latent.shape[2] != 1:
+                raise ValueError(f"{image_path}: the image encoded to {image_latent.shape[2]} latent frames, expected 1")
         neg = None
         if self.options.guidance_scale != 1.0:
             neg = self.text_encoder.encode([self.cfg.inference.negative_prompt]).to(self.device, self.dtype)
@@ -201,7 +224,8 @@ class InferencePipeline:
 
         try:
             latents = generate_latents(self.generator, noise, prompts, options=self.options,
-                                       scene_cuts=[sample.scene_cuts], negative_embeds=neg, on_chunk=on_chunk)
+                                       scene_cuts=[sample.scene_cuts], negative_embeds=neg, image_latent=image_latent,
+                                       on_chunk=on_chunk)
             dit_seconds = time.perf_counter() - t0
             if save_latents:
                 write_torch({"latents": latents.permute(0, 2, 1, 3, 4).contiguous().cpu(), "prompts": list(sample.prompts),
