@@ -5,6 +5,8 @@ import logging
 import pickle
 
 import pytest
+
+from longlive.io.checkpoint import CheckpointError
 import torch
 
 from longlive.models.vae import (
@@ -107,13 +109,13 @@ def test_files_are_read_safely(tmp_path, vh, capsys) -> None:
     assert set(read_state_dict(tmp_path / "vae.pth")) == set(vae.state_dict())
     evil = tmp_path / "evil.pth"
     torch.save({"conv1.weight": torch.zeros(1), "payload": _NotATensor()}, evil)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="weights_only"):
         read_state_dict(evil)
     assert "pickle executed" not in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_vae(tmp_path / "missing.pth")
     (tmp_path / "vae.bin2").write_bytes(b"")
-    with pytest.raises(ValueError, match="unknown extension"):
+    with pytest.raises(CheckpointError, match="unknown checkpoint suffix"):
         read_state_dict(tmp_path / "vae.bin2")
     with pytest.raises(ValueError, match="not tensors"):
         read_state_dict({"a": 1})

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from longlive.io.checkpoint import read_checkpoint
 from longlive.models.vae.config import WanVAEConfig
 from longlive.models.vae.model import WanVAE
 
@@ -143,18 +144,8 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> S
         raw: object = dict(source)
         where = "<state dict>"
     else:
-        path = Path(source)
-        where = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"VAE checkpoint {path} does not exist; pass the path to Wan2.2_VAE.pth or a LightVAE file.")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            raw = load_file(str(path), device="cpu")
-        elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-            raw = torch.load(str(path), weights_only=True, map_location="cpu")
-        else:
-            raise ValueError(f"VAE checkpoint {path}: unknown extension {path.suffix!r}; use .pth/.pt or .safetensors.")
+        where = str(source)
+        raw, _ = read_checkpoint(source)  # safetensors, or torch.load(weights_only=True)
     for name in CHECKPOINT_CONTAINERS:
         if isinstance(raw, Mapping) and name in raw and isinstance(raw[name], Mapping):
             logger.info("VAE checkpoint %s: using the tensors under %r", where, name)

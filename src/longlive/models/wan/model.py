@@ -75,7 +75,9 @@ class _Plan:
     groups: int = 1  # token groups for per-chunk prompt routing in cross-attention
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """q, k, v, o linears with the full-width q/k RMS norms (shared by self- and cross-attention)."""
+
     def __init__(self, config: WanConfig) -> None:
         super().__init__()
         d = config.dim
@@ -84,6 +86,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
 
+
+class SelfAttention(_Projections):
     def forward(self, x: torch.Tensor, plan: _Plan, layer: int) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.norm_q(self.q(x)).view(b, s, self.num_heads, -1)
@@ -100,16 +104,8 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(2))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Attention from video tokens to text tokens; token group g attends prompt g % P."""
-
-    def __init__(self, config: WanConfig) -> None:
-        super().__init__()
-        d = config.dim
-        self.num_heads = config.num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.norm_q = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(d, config.eps) if config.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, groups: int) -> torch.Tensor:
         b, s, d = x.shape
