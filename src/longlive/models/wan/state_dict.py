@@ -29,70 +29,59 @@ NVFP4_FORMAT = "longlive_generator_nvfp4"
 TE_FORMAT = "longlive_generator_merged_bf16"
 REJECTED_FORMATS = {"longlive_generator_te_nvfp4": "legacy TE NVFP4 export; re-export it with `longlive export nvfp4`"}
 
-# (original regex, diffusers replacement) pairs; applied to whole keys, first match wins.
-_TO_DIFFUSERS = [
-    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-    (r"^head\.modulation$", "scale_shift_table"),
-    (r"^head\.head\.", "proj_out."),
-    (r"^(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"),
-    (r"^(blocks\.\d+)\.ffn\.0\.", r"\1.ffn.net.0.proj."),
-    (r"^(blocks\.\d+)\.ffn\.2\.", r"\1.ffn.net.2."),
-    (r"^(blocks\.\d+)\.norm3\.", r"\1.norm2."),
-    (r"^(blocks\.\d+)\.self_attn\.([qkv])\.", r"\1.attn1.to_\2."),
-    (r"^(blocks\.\d+)\.self_attn\.o\.", r"\1.attn1.to_out.0."),
-    (r"^(blocks\.\d+)\.self_attn\.norm_([qk])\.", r"\1.attn1.norm_\2."),
-    (r"^(blocks\.\d+)\.cross_attn\.([qkv])\.", r"\1.attn2.to_\2."),
-    (r"^(blocks\.\d+)\.cross_attn\.o\.", r"\1.attn2.to_out.0."),
-    (r"^(blocks\.\d+)\.cross_attn\.norm_([qk])\.", r"\1.attn2.norm_\2."),
-    (r"^(patch_embedding\.)", r"\1"),
+# One table, used in both directions: (original Wan name, diffusers name). Top-level entries match
+# a key prefix (or the whole key when it has no trailing dot); block entries apply after `blocks.N.`.
+_TOP_LEVEL = [
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("head.modulation", "scale_shift_table"),
+    ("head.head.", "proj_out."),
+    ("patch_embedding.", "patch_embedding."),
 ]
-_FROM_DIFFUSERS = [
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^scale_shift_table$", "head.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
-    (r"^(blocks\.\d+)\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
-    (r"^(blocks\.\d+)\.ffn\.net\.2\.", r"\1.ffn.2."),
-    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),
-    (r"^(blocks\.\d+)\.attn1\.to_([qkv])\.", r"\1.self_attn.\2."),
-    (r"^(blocks\.\d+)\.attn1\.to_out\.0\.", r"\1.self_attn.o."),
-    (r"^(blocks\.\d+)\.attn1\.norm_([qk])\.", r"\1.self_attn.norm_\2."),
-    (r"^(blocks\.\d+)\.attn2\.to_([qkv])\.", r"\1.cross_attn.\2."),
-    (r"^(blocks\.\d+)\.attn2\.to_out\.0\.", r"\1.cross_attn.o."),
-    (r"^(blocks\.\d+)\.attn2\.norm_([qk])\.", r"\1.cross_attn.norm_\2."),
-    (r"^(patch_embedding\.)", r"\1"),
+_IN_BLOCK = [
+    ("modulation", "scale_shift_table"),
+    ("ffn.0.", "ffn.net.0.proj."),
+    ("ffn.2.", "ffn.net.2."),
+    ("norm3.", "norm2."),  # the affine LayerNorm before cross-attention
+    *[(f"{orig}.{x}.", f"{new}.to_{x}.") for orig, new in (("self_attn", "attn1"), ("cross_attn", "attn2")) for x in "qkv"],
+    *[(f"{orig}.o.", f"{new}.to_out.0.") for orig, new in (("self_attn", "attn1"), ("cross_attn", "attn2"))],
+    *[(f"{orig}.norm_{x}.", f"{new}.norm_{x}.") for orig, new in (("self_attn", "attn1"), ("cross_attn", "attn2")) for x in "qk"],
 ]
+_BLOCK = re.compile(r"^(blocks\.\d+\.)(.*)$")
 
 
-def _rename(sd: Mapping[str, torch.Tensor], rules, what: str) -> dict[str, torch.Tensor]:
+def _map_name(name: str, table, to_diffusers: bool) -> str | None:
+    for orig, diff in table:
+        src, dst = (orig, diff) if to_diffusers else (diff, orig)
+        if (src.endswith(".") and name.startswith(src)) or name == src:
+            return dst + name[len(src):]
+    return None
+
+
+def _rename(sd: Mapping[str, torch.Tensor], to_diffusers: bool) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in sd.items():
-        for pattern, repl in rules:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                out[new] = value
-                break
-        else:
-            raise CheckpointError(f"cannot convert key {key!r} {what}: it is not a Wan DiT parameter")
+        m = _BLOCK.match(key)
+        new = m.group(1) + rest if m and (rest := _map_name(m.group(2), _IN_BLOCK, to_diffusers)) else None
+        new = new if m else _map_name(key, _TOP_LEVEL, to_diffusers)
+        if new is None:
+            direction = "to the diffusers layout" if to_diffusers else "from the diffusers layout"
+            raise CheckpointError(f"cannot convert key {key!r} {direction}: it is not a Wan DiT parameter")
+        out[new] = value
     return out
 
 
 def to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original Wan keys -> diffusers `WanTransformer3DModel` keys."""
-    return _rename(sd, _TO_DIFFUSERS, "to the diffusers layout")
+    return _rename(sd, to_diffusers=True)
 
 
 def from_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers `WanTransformer3DModel` keys -> original Wan keys."""
-    return _rename(sd, _FROM_DIFFUSERS, "from the diffusers layout")
+    return _rename(sd, to_diffusers=False)
 
 
 def is_diffusers_layout(keys) -> bool:
