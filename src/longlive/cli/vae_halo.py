@@ -1,7 +1,7 @@
 """`longlive vae-halo`: print the chunk-halo VAE encoding window of every sequence-parallel rank.
 
 Reads `infra.sequence_parallel_size`, `infra.vae_halo_latents` and `data.image_or_video_shape`
-(or the same names at the top level of the YAML) from a training config; flags override them.
+through the typed config (section or top-level placement); flags override them.
 """
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from longlive.models.vae.halo import sp_halo_windows
 
@@ -21,47 +18,18 @@ DEFAULT_HALO_LATENTS = 28  # reference default of infra.vae_halo_latents
 
 
 class HaloConfigError(ValueError):
-    """A config file lacks or mistypes a field the halo windows need."""
-
-
-def _lookup(cfg: dict[str, Any], section: str, name: str) -> tuple[Any, str] | None:
-    """Value of `section.name`, else of top-level `name`, with the dotted field it came from."""
-    sec = cfg.get(section)
-    if isinstance(sec, dict) and name in sec:
-        return sec[name], f"{section}.{name}"
-    if name in cfg:
-        return cfg[name], name
-    return None
-
-
-def _positive_int(value: Any, path: Path, field: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise HaloConfigError(f"{path}: field {field} must be an integer >= {minimum}, got {value!r}.")
-    return value
+    """The command line lacks a value the halo windows need."""
 
 
 def read_halo_settings(path: str | Path) -> dict[str, int | None]:
-    """sp_size, halo_latents and latent_frames from a YAML config (None where the file lacks a field)."""
-    path = Path(path)
-    if not path.is_file():
-        raise HaloConfigError(f"Config file {path} does not exist.")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise HaloConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise HaloConfigError(f"{path}: expected a mapping at the top level, got {type(cfg).__name__}.")
-    out: dict[str, int | None] = {"sp_size": None, "halo_latents": None, "latent_frames": None}
-    if (found := _lookup(cfg, "infra", "sequence_parallel_size")) is not None:
-        out["sp_size"] = _positive_int(found[0], path, found[1])
-    if (found := _lookup(cfg, "infra", "vae_halo_latents")) is not None:
-        out["halo_latents"] = _positive_int(found[0], path, found[1], minimum=0)
-    if (found := _lookup(cfg, "data", "image_or_video_shape")) is not None:
-        shape, field = found
-        if not isinstance(shape, (list, tuple)) or len(shape) < 2:
-            raise HaloConfigError(f"{path}: field {field} must be a list [B, F, C, H, W], got {shape!r}.")
-        out["latent_frames"] = _positive_int(shape[1], path, f"{field}[1]")
-    return out
+    """sp_size, halo_latents and latent_frames of a config, read through the typed schema
+    (`infra.sequence_parallel_size`, `infra.vae_halo_latents`, `data.image_or_video_shape[1]`, with
+    the reference's flattened placements accepted and the schema's defaults where a field is absent)."""
+    from longlive.config import load_config
+
+    cfg = load_config(path)
+    return {"sp_size": cfg.infra.sequence_parallel_size, "halo_latents": cfg.infra.vae_halo_latents,
+            "latent_frames": int(cfg.data.image_or_video_shape[1])}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except ValueError as exc:  # HaloConfigError and window-arithmetic errors: report, exit 2
+    except ValueError as exc:  # ConfigError, HaloConfigError and window-arithmetic errors: report, exit 2
         logger.error("%s", exc)
         return 2
 

@@ -90,22 +90,25 @@ def test_cli_prints_windows(tmp_path, capsys) -> None:
 
 
 def test_cli_flat_keys_defaults_and_errors(tmp_path, capsys, caplog) -> None:
-    flat = _yaml(tmp_path, "sequence_parallel_size: 2\nimage_or_video_shape: [1, 8, 48, 44, 80]\n")
+    flat = _yaml(tmp_path, "sequence_parallel_size: 2\nimage_or_video_shape: [1, 16, 48, 44, 80]\n")
     assert main(["vae-halo", "--config", str(flat), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["halo_latents"] == 28 and data["ranks"][1]["drop"] == 4
+    assert data["halo_latents"] == 28 and data["ranks"][1]["drop"] == 8
 
     assert main(["vae-halo", "--sp-size", "2", "--latent-frames", "8", "--raw-frames", "29", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["raw_frames"] == 29
 
-    missing = _yaml(tmp_path, "infra:\n  vae_halo_latents: 4\n")
-    assert main(["vae-halo", "--config", str(missing), "--latent-frames", "8"]) == 2
-    assert "infra.sequence_parallel_size" in caplog.text and str(missing) in caplog.text
+    defaults = _yaml(tmp_path, "infra:\n  vae_halo_latents: 4\n")  # schema default: no sequence parallelism
+    assert main(["vae-halo", "--config", str(defaults), "--latent-frames", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sp_size"] == 1
+    uneven = _yaml(tmp_path, "sequence_parallel_size: 2\nimage_or_video_shape: [1, 8, 48, 44, 80]\n")
+    assert main(["vae-halo", "--config", str(uneven)]) == 2
+    assert str(uneven) in caplog.text and "each SP rank owns whole chunks" in caplog.text
     wrong = _yaml(tmp_path, "infra:\n  sequence_parallel_size: two\n")
     assert main(["vae-halo", "--config", str(wrong)]) == 2
-    assert "field infra.sequence_parallel_size must be an integer" in caplog.text
+    assert "field 'infra.sequence_parallel_size': expected an integer" in caplog.text
     assert main(["vae-halo", "--config", str(tmp_path / "nope.yaml")]) == 2
-    assert "does not exist" in caplog.text
+    assert "config file not found" in caplog.text
 
 
 def test_halo_of_27_latents_covers_the_wan22_encoder_receptive_field() -> None:
