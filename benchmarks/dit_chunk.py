@@ -49,6 +49,9 @@ def bench(args, steps: int) -> dict:
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     model = build(args.preset, args.device, dtype)
+    if args.compile:  # experiment: compile each block (static shapes); the KV-cache write stays eager
+        for block in model.blocks:
+            block.compile(dynamic=False, mode=args.compile_mode)
     cfg = model.config
     cache = KVCache.for_model(cfg, batch_size=1, latent_height=args.height, latent_width=args.width, chunk_frames=8,
                               window_frames=args.window, sink_frames=args.sink, multi_shot_sink=True,
@@ -82,6 +85,7 @@ def bench(args, steps: int) -> dict:
     med = statistics.median(times)
     out = {
         "preset": args.preset, "steps": steps, "dtype": args.dtype, "latent": [args.height, args.width],
+        "compile": bool(args.compile), "compile_mode": args.compile_mode,
         "tokens_per_chunk": cache.chunk_tokens, "window_tokens": cache.num_slots * cache.chunk_tokens,
         "chunk_s_median": med, "chunk_s_all": times, "forward_ms": med / (steps + 1) * 1e3,
         "fps": 4 * 8 / med, "kv_cache_gib": cache.nbytes / 2**30,
@@ -116,9 +120,11 @@ def main() -> None:
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--sink", type=int, default=8)
     p.add_argument("--steps", type=int, action="append")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed chunks (include compilation)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     env = {"torch": torch.__version__}

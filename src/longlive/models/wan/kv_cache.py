@@ -198,6 +198,7 @@ class KVCache:
             self._positions = torch.tensor(rows, dtype=torch.float64, device=device or self.k.device)
         return self._positions
 
+    @torch.compiler.disable  # host-side slot bookkeeping: a compiled block calls it as one opaque step
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the current chunk's K/V `[B, chunk_tokens, H, D]` for `layer`; return all valid K/V."""
         if k.shape[1] != self.chunk_tokens:
