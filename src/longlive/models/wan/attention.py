@@ -19,9 +19,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 _CUDA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax attention on `[B, S, H, D]` tensors, returning `[B, S, H, D]`."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+         kv_heads_first: bool = False) -> torch.Tensor:
+    """Softmax attention on `[B, S, H, D]` tensors, returning `[B, S, H, D]`.
+
+    With `kv_heads_first`, k and v are already `[B, H, S, D]` (the KV cache layout): cuDNN then reads
+    them in place instead of copying a strided 28k-token window every call.
+    """
+    q = q.transpose(1, 2)
+    if not kv_heads_first:
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
     if q.is_cuda:
         with sdpa_kernel(_CUDA_PRIORITY, set_priority=True):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -1,7 +1,7 @@
 """The self-attention KV cache for chunk-by-chunk generation: every rule about what stays in it.
 
-Storage is preallocated once: `k` and `v` are `[layers, batch, slots * chunk_tokens, heads, head_dim]`
-and never move. A *slot* holds one chunk. Keys are stored after RoPE (absolute positions), so
+Storage is preallocated once: `k` and `v` are `[layers, batch, heads, slots * chunk_tokens, head_dim]`
+(head-major, the layout attention kernels read without a copy) and never move. A *slot* holds one chunk. Keys are stored after RoPE (absolute positions), so
 attention over the cached keys does not depend on their order; a full cache is attended as one
 contiguous view and eviction simply reuses the evicted chunk's slot (a ring buffer without copies).
 
@@ -89,7 +89,7 @@ class KVCache:
         self.rope_offset_per_shot = float(rope_offset_per_shot)
         self.t_scale = float(t_scale)
         self.shot_clean_recache = bool(shot_clean_recache)
-        shape = (num_layers, batch_size, self.num_slots * self.chunk_tokens, num_heads, head_dim)
+        shape = (num_layers, batch_size, num_heads, self.num_slots * self.chunk_tokens, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.reset()
@@ -200,22 +200,24 @@ class KVCache:
 
     @torch.compiler.disable  # host-side slot bookkeeping: a compiled block calls it as one opaque step
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the current chunk's K/V `[B, chunk_tokens, H, D]` for `layer`; return all valid K/V."""
+        """Write the current chunk's K/V `[B, chunk_tokens, H, D]` for `layer`; return all valid K/V
+        head-major, `[B, H, valid_tokens, D]` (views of the storage, no copy)."""
         if k.shape[1] != self.chunk_tokens:
             raise ValueError(f"KVCache.update: got {k.shape[1]} tokens, the cache holds chunks of {self.chunk_tokens}")
         kb, vb = self.k[layer], self.v[layer]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
         slots = [s.current_slot for s in self.samples]
         if all(x == slots[0] for x in slots):
             a = slots[0] * self.chunk_tokens
-            kb[:, a : a + self.chunk_tokens] = k
-            vb[:, a : a + self.chunk_tokens] = v
+            kb[:, :, a : a + self.chunk_tokens] = k
+            vb[:, :, a : a + self.chunk_tokens] = v
         else:
             for b, slot in enumerate(slots):
                 a = slot * self.chunk_tokens
-                kb[b, a : a + self.chunk_tokens] = k[b]
-                vb[b, a : a + self.chunk_tokens] = v[b]
+                kb[b, :, a : a + self.chunk_tokens] = k[b]
+                vb[b, :, a : a + self.chunk_tokens] = v[b]
         n = self.num_valid * self.chunk_tokens
-        return kb[:, :n], vb[:, :n]
+        return kb[:, :, :n], vb[:, :, :n]
 
     # ------------------------------------------------------------------ introspection (tests, logs)
     def attended_chunks(self, sample: int = 0) -> list[int]:

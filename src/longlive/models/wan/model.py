@@ -96,7 +96,7 @@ class SelfAttention(_Projections):
         q, k = apply_rope(q, plan.cos, plan.sin), apply_rope(k, plan.cos, plan.sin)
         if plan.cache is not None:
             k, v = plan.cache.update(layer, k, v)
-            out = sdpa(q, k, v)
+            out = sdpa(q, k, v, kv_heads_first=True)
         elif plan.mask is None:
             out = sdpa(q, k, v)
         else:
