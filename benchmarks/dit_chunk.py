@@ -51,7 +51,7 @@ def bench(args, steps: int) -> dict:
     model = build(args.preset, args.device, dtype)
     if args.compile:  # experiment: compile each block (static shapes); the KV-cache write stays eager
         for block in model.blocks:
-            block.compile(dynamic=False, mode=args.compile_mode)
+            block.compile(mode=args.compile_mode)  # automatic dynamic: the layer index must not specialise
     cfg = model.config
     cache = KVCache.for_model(cfg, batch_size=1, latent_height=args.height, latent_width=args.width, chunk_frames=8,
                               window_frames=args.window, sink_frames=args.sink, multi_shot_sink=True,
