@@ -117,6 +117,16 @@ def load_image(path: Path, height: int, width: int) -> torch.Tensor:
     return (x.permute(2, 0, 1).float() / 127.5 - 1.0)[None, :, None]
 
 
+def _compile_mode(cfg: Config, device: torch.device):
+    """False (eager) or the torch.compile mode: `torch_compile: true` uses `torch_compile_mode`;
+    `auto` compiles with the default mode on CUDA only (fast to compile, about +30% FPS on an H200)."""
+    if cfg.torch_compile is True:
+        return cfg.torch_compile_mode
+    if cfg.torch_compile == "auto" and device.type == "cuda":
+        return None
+    return False
+
+
 def prompt_runs(prompts: list[str]) -> list[tuple[list[int], str]]:
     """Runs of identical consecutive chunk prompts: [([0, 1, 2], "a ..."), ([3], "b ...")]."""
     runs: list[tuple[list[int], str]] = []
@@ -156,6 +166,10 @@ class InferencePipeline:
         device = device or default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         generator = build_generator(cfg, device, dtype)
+        compile_mode = _compile_mode(cfg, device)
+        if compile_mode is not False:
+            generator.compile_blocks(compile_mode)
+            log.info("generator blocks compiled (torch.compile mode=%s); the first chunks include compilation", compile_mode)
         text = build_text_encoder(cfg, generator.config, device, dtype)
         vae = None if cfg.inference.save_latents_only and not cfg.i2v else build_vae(cfg, device, dtype)
         return cls(cfg, generator, text, vae, device, dtype)

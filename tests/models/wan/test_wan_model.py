@@ -157,3 +157,13 @@ def test_teacher_forcing_backward_on_cpu():
     out = model(x, t, c, chunk_frames=8, clean_x=torch.randn_like(x), clean_t=torch.zeros_like(t))
     out.square().mean().backward()
     assert model.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_compiled_blocks_equal_eager_in_cached_inference():
+    model = _model()
+    x, t, c = _inputs(b=1, f=24, h=4, w=4, prompts=3)
+    eager = _chunkwise(model, x, t, c)
+    model.compile_blocks()
+    compiled = _chunkwise(model, x, t, c)
+    assert (eager - compiled).abs().max() < 1e-4

@@ -205,6 +205,13 @@ class WanModel(nn.Module):
             block.modulation.normal_(0.0, 1.0 / math.sqrt(d), generator=generator)
         self.head.modulation.normal_(0.0, 1.0 / math.sqrt(d), generator=generator)
 
+    def compile_blocks(self, mode: str | None = None) -> None:
+        """torch.compile each transformer block (fuses the fp32 norm/modulation/RoPE math around the
+        GEMMs and attention). The KV-cache write stays eager; ints such as the layer index are
+        compiled as dynamic, so all blocks share a few graphs instead of recompiling per layer."""
+        for block in self.blocks:
+            block.compile(mode=mode)
+
     # ------------------------------------------------------------------ pieces
     def embed_video(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Patchify `[B, C, F, H, W]` into tokens `[B, F'*H'*W', dim]` (Conv3d with kernel == stride, as a GEMM)."""
