@@ -12,9 +12,13 @@ import math
 import re
 from typing import Sequence
 
+import logging
+
 import torch
 
 from .cleaning import clean_prompt
+
+log = logging.getLogger(__name__)
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -45,7 +49,10 @@ class HashTextEncoder:
         return torch.randn(self.dim, generator=g) / math.sqrt(self.dim) * 4
 
     def words(self, prompt: str) -> list[str]:
-        return _WORD.findall(clean_prompt(prompt).lower())[: self.text_len]
+        words = _WORD.findall(clean_prompt(prompt).lower())
+        if len(words) > self.text_len:
+            log.warning("prompt of %d words truncated to text_len=%d: %.60s...", len(words), self.text_len, prompt)
+        return words[: self.text_len]
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from .config import WanConfig
+from .rope import rope_cos_sin
 
 
 @dataclass
@@ -123,6 +124,7 @@ class KVCache:
         self.start_frame = -1
         self.next_frame = 0
         self._positions: torch.Tensor | None = None
+        self._rope: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -156,6 +158,7 @@ class KVCache:
         self.start_frame = start_frame
         self.next_frame = start_frame + self.chunk_frames
         self._positions = None
+        self._rope = None
 
     def _protected_prefix(self, s: _SampleState) -> int:
         if s.pin is not None:
@@ -197,6 +200,13 @@ class KVCache:
             ]
             self._positions = torch.tensor(rows, dtype=torch.float64, device=device or self.k.device)
         return self._positions
+
+    def rope_tables(self, config: WanConfig, height: int, width: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin of the current chunk, computed once per chunk (not once per denoising step)."""
+        if self._rope is None or self._rope[0] != (height, width):
+            cos, sin = rope_cos_sin(config, self.frame_positions(device), height, width)
+            self._rope = ((height, width), cos, sin)
+        return self._rope[1], self._rope[2]
 
     @torch.compiler.disable  # host-side slot bookkeeping: a compiled block calls it as one opaque step
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -281,8 +281,10 @@ class WanModel(nn.Module):
                 raise ValueError("kv_cache mode takes one chunk; do not pass chunk_frames or clean_x with it")
             if frames != kv_cache.chunk_frames or b != kv_cache.batch_size:
                 raise ValueError(f"kv_cache expects chunks of [B={kv_cache.batch_size}, F={kv_cache.chunk_frames}], got [B={b}, F={frames}]")
-            pos = kv_cache.frame_positions(x.device) if frame_positions is None else frame_positions
-            cos, sin = rope_cos_sin(self.config, pos, grid[1], grid[2])
+            if frame_positions is None:
+                cos, sin = kv_cache.rope_tables(self.config, grid[1], grid[2], x.device)
+            else:
+                cos, sin = rope_cos_sin(self.config, frame_positions, grid[1], grid[2])
             plan = _Plan(cos, sin, cache=kv_cache, groups=prompts)
         else:
             pos = torch.arange(frames, dtype=torch.float64, device=x.device) if frame_positions is None else frame_positions
