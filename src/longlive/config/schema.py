@@ -157,6 +157,9 @@ class LoggingConfig:
     wandb_entity: Optional[str] = _f(None)
     wandb_project: Optional[str] = _f(None)
     wandb_host: str = _f("https://api.wandb.ai")
+    tensorboard: bool = _f(True, doc="write TensorBoard scalars to <logdir>/tensorboard during training")
+    use_wandb: bool = _f(False, doc="also log to wandb (needs the wandb package and a key)")
+    log_interval: int = _f(1, min=1, doc="scalar logging interval in steps")
 
 
 _WRAP = ("size", "transformer")
@@ -171,6 +174,10 @@ class InfraConfig:
     mixed_precision: bool = _f(True)
     gradient_checkpointing: bool = _f(True)
     vae_halo_latents: int = _f(28, min=0)
+    sp_layout: str = _f("balanced", choices=("balanced", "plain"),
+                        doc="balanced: each rank holds clean+noisy copies of its chunks; plain: split [clean; noisy] contiguously")
+    compile_blocks: bool = _f(False, doc="torch.compile each transformer block during training")
+    cpu_offload_ema: bool = _f(False, doc="keep the (sharded) fp32 EMA on the host instead of the GPU")
     generator_fsdp_wrap_strategy: str = _f("size", choices=_WRAP)
     real_score_fsdp_wrap_strategy: str = _f("size", choices=_WRAP)
     fake_score_fsdp_wrap_strategy: str = _f("size", choices=_WRAP)
@@ -239,6 +246,8 @@ class ErrorRecyclingConfig:
     replacement_strategy: str = _f("random", choices=("random", "fifo", "l2"))
     enable_position_bucketing: bool = _f(False)
     skip_block_0: bool = _f(False)
+    host_memory_budget_gib: float = _f(32.0, min=0.0,
+                                       doc="refuse to start if full buffers could exceed this much host RAM per rank")
 
 
 @dataclass
@@ -259,6 +268,7 @@ class TrainingConfig:
     ema_weight: Optional[float] = _f(0.99, min=0.0, max=1.0, doc="None disables EMA")
     ema_start_step: int = _f(100, min=0)
     save_interval: int = _f(100, min=1, doc="checkpoint every N steps (legacy name: log_iters)")
+    export_generator: bool = _f(True, doc="with every checkpoint, also write the full generator (and EMA) for inference")
     max_checkpoints: int = _f(20, min=1)
     max_iters: int = _f(600, min=1)
     gc_interval: int = _f(100, min=1)
