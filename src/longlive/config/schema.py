@@ -177,7 +177,6 @@ class InfraConfig:
     sp_layout: str = _f("balanced", choices=("balanced", "plain"),
                         doc="balanced: each rank holds clean+noisy copies of its chunks; plain: split [clean; noisy] contiguously")
     compile_blocks: bool = _f(False, doc="torch.compile each transformer block during training")
-    cpu_offload_ema: bool = _f(False, doc="keep the (sharded) fp32 EMA on the host instead of the GPU")
     generator_fsdp_wrap_strategy: str = _f("size", choices=_WRAP)
     real_score_fsdp_wrap_strategy: str = _f("size", choices=_WRAP)
     fake_score_fsdp_wrap_strategy: str = _f("size", choices=_WRAP)

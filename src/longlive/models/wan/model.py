@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .attention import ChunkLayout, masked_attention, sdpa
 from .config import WanConfig
@@ -73,6 +74,7 @@ class _Plan:
     mask: Any = None  # None | bool tensor | flex BlockMask
     cache: KVCache | None = None
     groups: int = 1  # token groups for per-chunk prompt routing in cross-attention
+    attend: Any = None  # custom masked attention (sequence parallel), replacing `mask`
 
 
 class _Projections(nn.Module):
@@ -97,6 +99,8 @@ class SelfAttention(_Projections):
         if plan.cache is not None:
             k, v = plan.cache.update(layer, k, v)
             out = sdpa(q, k, v, kv_heads_first=True)
+        elif plan.attend is not None:
+            out = plan.attend(q, k, v)
         elif plan.mask is None:
             out = sdpa(q, k, v)
         else:
@@ -153,6 +157,8 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, 2, config.dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        if e.shape[1] == 0:  # no frames (sequence-parallel rank without noisy frames): zero gradients, not None
+            return _linear_fp32(self.head, x) + 0 * self.modulation.sum()
         shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)
         return _linear_fp32(self.head, _modulate(x, e.shape[1], shift, scale, self.eps))
 
@@ -178,6 +184,7 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
+        self.gradient_checkpointing = False  # recompute each block in backward (training memory)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -266,7 +273,16 @@ class WanModel(nn.Module):
         clean_t: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         frame_positions: torch.Tensor | None = None,
+        attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """Velocity for `x` (see the module docstring for the modes).
+
+        Teacher forcing under sequence parallelism passes this rank's frames: `clean_x` and `x` may then
+        hold different frames (either may be empty), `frame_positions` gives the RoPE positions of
+        `[clean; noisy]` (or of `x`, shared by both halves), `context` one prompt per local chunk slot
+        (or one prompt), and `attention(q, k, v)` replaces the masked self-attention (it exchanges
+        tokens across ranks and applies the global mask itself).
+        """
         b, _, f, _, _ = x.shape
         if t.dim() != 2 or t.shape != (b, f):
             raise ValueError(f"t must hold one timestep per latent frame, shape [B, F] = [{b}, {f}]; got {tuple(t.shape)}")
@@ -291,18 +307,10 @@ class WanModel(nn.Module):
             cos, sin = rope_cos_sin(self.config, pos, grid[1], grid[2])
             plan = _Plan(cos, sin, groups=prompts)
             if clean_x is not None:
-                if chunk_frames is None or clean_t is None:
-                    raise ValueError("teacher forcing needs chunk_frames and clean_t together with clean_x")
-                if clean_x.shape != x.shape or clean_t.shape != t.shape:
-                    raise ValueError(f"clean_x/clean_t {tuple(clean_x.shape)}/{tuple(clean_t.shape)} must match x/t {tuple(x.shape)}/{tuple(t.shape)}")
-                clean_tokens, _ = self.embed_video(clean_x)
-                tokens = torch.cat([clean_tokens, tokens], dim=1)
-                _, clean_e0 = self.embed_time(clean_t)
-                e0 = torch.cat([clean_e0, e0], dim=1)
-                plan.cos, plan.sin = torch.cat([cos, cos], dim=1), torch.cat([sin, sin], dim=1)
-                plan.groups = 2 * prompts
-                layout = ChunkLayout.teacher_forcing(frames, chunk_frames, tokens_per_frame, x.device)
-                plan.mask = self._mask_for(layout, x)
+                plan, tokens, e0 = self._teacher_forcing_plan(
+                    x, clean_x, clean_t, tokens, e0, grid, prompts, chunk_frames, frame_positions, attention)
+            elif attention is not None:
+                raise ValueError("a custom attention is only used in teacher forcing (with clean_x)")
             elif chunk_frames is not None:
                 layout = ChunkLayout.block_causal(frames, chunk_frames, tokens_per_frame, x.device)
                 plan.mask = self._mask_for(layout, x)
@@ -311,11 +319,54 @@ class WanModel(nn.Module):
 
         h = tokens
         for i, block in enumerate(self.blocks):
-            h = block(h, e0, ctx, plan, i)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, e0, ctx, plan, i, use_reentrant=False)
+            else:
+                h = block(h, e0, ctx, plan, i)
         if clean_x is not None:
-            h = h[:, h.shape[1] // 2 :]
+            h = h[:, h.shape[1] - frames * tokens_per_frame :]
+            if frames == 0:  # a rank holding only clean frames: an empty output, still tied to every parameter
+                return self.head(h, e).reshape(b, self.config.out_dim, 0, *x.shape[3:]).to(x.dtype)
         out = self.head(h, e)
         return self.unpatchify(out, grid).to(x.dtype)
+
+    def _teacher_forcing_plan(self, x, clean_x, clean_t, tokens, e0, grid, prompts, chunk_frames,
+                              frame_positions, attention):
+        """Build `[clean; noisy]` tokens, modulation, RoPE and attention for teacher forcing (spec 2.2)."""
+        if chunk_frames is None or clean_t is None:
+            raise ValueError("teacher forcing needs chunk_frames and clean_t together with clean_x")
+        noisy_frames, clean_frames = x.shape[2], clean_x.shape[2]
+        if clean_x.shape[:2] != x.shape[:2] or clean_x.shape[3:] != x.shape[3:] or clean_t.shape != (x.shape[0], clean_frames):
+            raise ValueError(f"clean_x/clean_t {tuple(clean_x.shape)}/{tuple(clean_t.shape)} do not fit x {tuple(x.shape)}")
+        if attention is None and clean_frames != noisy_frames:
+            raise ValueError(f"teacher forcing on one device needs as many clean as noisy frames, got {clean_frames} and {noisy_frames}")
+        if (clean_frames + noisy_frames) % chunk_frames:
+            raise ValueError(f"{clean_frames} clean + {noisy_frames} noisy frames are not whole chunks of {chunk_frames}")
+        clean_tokens, _ = self.embed_video(clean_x)
+        _, clean_e0 = self.embed_time(clean_t)
+        tokens = torch.cat([clean_tokens, tokens], dim=1)
+        e0 = torch.cat([clean_e0, e0], dim=1)
+        if frame_positions is None:
+            frame_positions = torch.arange(noisy_frames, dtype=torch.float64, device=x.device)
+        if frame_positions.numel() == noisy_frames and clean_frames == noisy_frames:
+            frame_positions = torch.cat([frame_positions, frame_positions])
+        if frame_positions.numel() != clean_frames + noisy_frames:
+            raise ValueError(f"frame_positions has {frame_positions.numel()} entries for {clean_frames} clean + {noisy_frames} noisy frames")
+        cos, sin = rope_cos_sin(self.config, frame_positions.to(torch.float64), grid[1], grid[2])
+        slots = (clean_frames + noisy_frames) // chunk_frames
+        if prompts == slots and prompts > 1:
+            groups = prompts  # one prompt per chunk slot of this sequence, in order (sequence parallel)
+        elif clean_frames == noisy_frames:
+            groups = 2 * prompts  # clean and noisy halves each split over the video's prompts
+        elif prompts == 1:
+            groups = 1
+        else:
+            raise ValueError(f"{prompts} prompts for {slots} chunk slots: give one prompt or one per chunk slot")
+        plan = _Plan(cos, sin, groups=groups, attend=attention)
+        if attention is None:
+            layout = ChunkLayout.teacher_forcing(noisy_frames, chunk_frames, grid[1] * grid[2], x.device)
+            plan.mask = self._mask_for(layout, x)
+        return plan, tokens, e0
 
     @staticmethod
     def _mask_for(layout: ChunkLayout, x: torch.Tensor):

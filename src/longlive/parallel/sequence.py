@@ -1,0 +1,163 @@
+"""Sequence parallelism for teacher-forcing training (spec 5.2): shard layouts and Ulysses attention.
+
+The teacher-forcing sequence is `[clean frames 0..F-1 ; noisy frames 0..F-1]`. Under sequence
+parallelism each rank of a group holds a `SequenceShard` of it:
+- balanced (the paper's layout): rank r holds the clean AND the noisy copy of its own contiguous
+  chunks, so every rank has the same loss-bearing work and needs only its own frames' latents;
+- plain: the `[clean; noisy]` sequence split contiguously (the first ranks hold clean frames only).
+Self-attention exchanges heads for tokens with an all-to-all (Ulysses): each rank attends over the
+whole sequence (every rank's tokens, in rank order) with 1/sp of the heads, under the one chunk-mask
+rule of `ChunkLayout`, then the inverse all-to-all returns its own tokens with all heads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from longlive.models.wan.attention import ChunkLayout, masked_attention
+
+LAYOUTS = ("balanced", "plain")
+
+
+@dataclass(frozen=True)
+class SequenceShard:
+    """Frames of the teacher-forcing sequence held by one rank: clean [c0, c1) and noisy [n0, n1)."""
+
+    clean: tuple[int, int]
+    noisy: tuple[int, int]
+
+    @property
+    def clean_frames(self) -> int:
+        return self.clean[1] - self.clean[0]
+
+    @property
+    def noisy_frames(self) -> int:
+        return self.noisy[1] - self.noisy[0]
+
+    def frame_positions(self, device=None) -> torch.Tensor:
+        """RoPE positions of `[clean; noisy]`: global frame indices (identical for a frame's two copies)."""
+        return torch.cat([torch.arange(*self.clean, dtype=torch.float64, device=device),
+                          torch.arange(*self.noisy, dtype=torch.float64, device=device)])
+
+    def chunk_slots(self, chunk_frames: int) -> list[int]:
+        """Global chunk index of each local chunk slot, clean slots first (the per-slot prompt order)."""
+        return [f // chunk_frames for f in range(*self.clean, chunk_frames)] + \
+               [f // chunk_frames for f in range(*self.noisy, chunk_frames)]
+
+    def layout(self, chunk_frames: int, tokens_per_frame: int, device=None) -> ChunkLayout:
+        """Per-token chunk index and noisy flag of this shard's `[clean; noisy]` tokens."""
+        frames = torch.cat([torch.arange(*self.clean, device=device), torch.arange(*self.noisy, device=device)])
+        noisy = torch.arange(frames.numel(), device=device) >= self.clean_frames
+        return ChunkLayout((frames // chunk_frames).repeat_interleave(tokens_per_frame),
+                           noisy.repeat_interleave(tokens_per_frame))
+
+
+def shard_sequence(num_frames: int, chunk_frames: int, sp_size: int, layout: str = "balanced") -> list[SequenceShard]:
+    """The shard of every rank of an SP group; each holds whole chunks and the same number of tokens."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown sequence-parallel layout {layout!r}; expected one of {LAYOUTS}")
+    if num_frames % chunk_frames:
+        raise ValueError(f"{num_frames} latent frames are not whole chunks of {chunk_frames}")
+    if layout == "balanced":
+        if num_frames % (sp_size * chunk_frames):
+            raise ValueError(
+                f"balanced sequence parallel needs the latent frames ({num_frames}) to be a multiple of "
+                f"sequence_parallel_size x frames per chunk = {sp_size} x {chunk_frames}, so each rank owns whole chunks")
+        n = num_frames // sp_size
+        return [SequenceShard((r * n, (r + 1) * n), (r * n, (r + 1) * n)) for r in range(sp_size)]
+    if (2 * num_frames) % (sp_size * chunk_frames):
+        raise ValueError(
+            f"plain sequence parallel needs 2 x latent frames ({2 * num_frames}) to be a multiple of "
+            f"sequence_parallel_size x frames per chunk = {sp_size} x {chunk_frames}")
+    n = 2 * num_frames // sp_size
+    shards = []
+    for r in range(sp_size):
+        a, b = r * n, (r + 1) * n  # range in the [clean; noisy] frame sequence
+        clean = (min(a, num_frames), min(b, num_frames))
+        noisy = (max(a, num_frames) - num_frames, max(b, num_frames) - num_frames)
+        shards.append(SequenceShard(clean, noisy))
+    return shards
+
+
+class _AllToAll(torch.autograd.Function):
+    """all-to-all over `dim0` blocks; its gradient is the same exchange back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        x = x.contiguous()
+        out = torch.empty_like(x)  # contiguous: empty_like would keep a permuted input's strides
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad, group=ctx.group)
+        return out, None
+
+
+def qkv_to_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, sp: int) -> tuple[torch.Tensor, ...]:
+    """Local `[B, S, H, D]` q, k, v -> `[B, sp*S, H/sp, D]` each, in ONE all-to-all: every rank gets
+    the tokens of all ranks (in rank order) for its 1/sp of the heads."""
+    b, s, h, d = q.shape
+    if h % sp:
+        raise ValueError(f"sequence_parallel_size {sp} does not divide the {h} attention heads")
+    send = torch.stack([q, k, v], dim=2).view(b, s, 3, sp, h // sp, d).permute(3, 0, 1, 2, 4, 5)
+    recv = _AllToAll.apply(send, group)  # [sp (source rank), B, S, 3, H/sp, D]
+    return recv.permute(1, 0, 2, 3, 4, 5).reshape(b, sp * s, 3, h // sp, d).unbind(2)
+
+
+def sequence_to_heads(x: torch.Tensor, group, sp: int) -> torch.Tensor:
+    """Inverse exchange for the attention output: `[B, sp*S, H/sp, D]` -> `[B, S, H, D]`."""
+    b, st, hl, d = x.shape
+    send = x.view(b, sp, st // sp, hl, d).permute(1, 0, 2, 3, 4)  # [sp (token owner), B, S, H/sp, D]
+    recv = _AllToAll.apply(send, group)  # [sp (head owner), B, S, H/sp, D]
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, st // sp, sp * hl, d)
+
+
+class SequenceParallel:
+    """One rank's view of a sequence-parallel group for teacher forcing.
+
+    `attention(tokens_per_frame, device)` gives the `attention=` callable for `WanModel.forward`;
+    its global mask is built once per geometry and reused across steps.
+    """
+
+    def __init__(self, group, num_frames: int, chunk_frames: int, layout: str = "balanced", num_heads: int | None = None) -> None:
+        self.group = group
+        self.size = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+        if num_heads is not None and num_heads % self.size:
+            raise ValueError(f"sequence_parallel_size {self.size} does not divide the {num_heads} attention heads")
+        self.num_frames, self.chunk_frames, self.layout = num_frames, chunk_frames, layout
+        self.shards = shard_sequence(num_frames, chunk_frames, self.size, layout)
+        self.shard = self.shards[self.rank]
+        self._masks: dict = {}
+
+    def global_layout(self, tokens_per_frame: int, device=None) -> ChunkLayout:
+        """Layout of the gathered sequence: every rank's `[clean; noisy]` tokens in rank order."""
+        parts = [s.layout(self.chunk_frames, tokens_per_frame, device) for s in self.shards]
+        return ChunkLayout(torch.cat([p.chunk for p in parts]), torch.cat([p.noisy for p in parts]))
+
+    def _mask(self, tokens_per_frame: int, device: torch.device):
+        key = (tokens_per_frame, str(device))
+        if key not in self._masks:
+            layout = self.global_layout(tokens_per_frame, device)
+            self._masks[key] = layout.block_mask() if device.type == "cuda" else layout.dense_mask()
+        return self._masks[key]
+
+    def attention(self, tokens_per_frame: int, device: torch.device) -> Callable:
+        mask = self._mask(tokens_per_frame, torch.device(device))
+        group, sp = self.group, self.size
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if sp == 1:
+                return masked_attention(q, k, v, mask)
+            q, k, v = qkv_to_sequence(q, k, v, group, sp)
+            return sequence_to_heads(masked_attention(q, k, v, mask), group, sp)
+
+        return attend
