@@ -13,9 +13,11 @@ import sys
 
 # name -> (module, one-line help). Keep sorted by name.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("longlive.cli.data", "training data tools (encode: videos -> latent files for training)"),
     "decode-latents": ("longlive.cli.decode_latents", "decode saved latents (.pt) to MP4 videos"),
     "export": ("longlive.cli.export", "export checkpoints (merge-lora: fold a LoRA into the generator)"),
     "generate": ("longlive.cli.generate", "generate long videos for the prompts of a config"),
+    "train": ("longlive.cli.train", "train the chunk-level AR model (teacher forcing; torchrun for several GPUs)"),
     "vae-halo": ("longlive.cli.vae_halo", "print the chunk-halo VAE encoding windows per sequence-parallel rank"),
 }
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[name][0])
     sub_parser = argparse.ArgumentParser(prog=f"longlive {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub_parser)
-    sub_args = sub_parser.parse_args(argv[idx + 1 :])
+    sub_args = sub_parser.parse_intermixed_args(argv[idx + 1 :])  # overrides may follow options
     logging.basicConfig(level=getattr(logging, str(top.log_level).upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s")
     return int(module.run(sub_args) or 0)
 

@@ -84,6 +84,11 @@ class DataConfig:
     min_latent_frames: int = _f(0, min=0)
     uniform_prompt: bool = _f(False)
     filter_invalid_folders: bool = _f(False)
+    dataset_type: str = _f("auto", choices=("auto", "videos", "latents", "synthetic"),
+                           doc="training data: auto = videos if load_raw_video else latents (`longlive data encode` output); "
+                               "synthetic = generated latents (tests, benchmarks)")
+    synthetic_samples: int = _f(64, min=1, doc="number of samples of the synthetic dataset")
+    num_workers: int = _f(2, min=0, doc="DataLoader worker processes for training data")
     prompt_length_mismatch: str = _f("error", choices=PROMPT_LENGTH_POLICIES,
                                      doc="when shot durations do not sum to the number of chunks")
 

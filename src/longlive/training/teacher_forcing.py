@@ -73,8 +73,8 @@ class TeacherForcing:
 
         `x0` holds latent frames [frame_offset, frame_offset + x0.shape[2]) of the video (the whole video,
         or just this rank's frames under balanced SP); `context` is `[B, chunks, L, D]` (one prompt per chunk)
-        or `[B, 1, L, D]`. `corrupt(x0, noise, t_index) -> (x0_in, noise_in, context)` applies error
-        recycling to this rank's frames (spec 5.5); it must keep shapes.
+        or `[B, 1, L, D]`. `corrupt(x0, noise, t_index, chunk_positions) -> (x0_in, noise_in, context)` applies
+        error recycling to the given frames (per-chunk timestep indices and global chunk positions; spec 5.5).
         """
         shard, f_chunk = self.shard, self.chunk_frames
         held = [r for r in (shard.clean, shard.noisy) if r[1] > r[0]]
@@ -92,7 +92,9 @@ class TeacherForcing:
         t_frame_index = draw.t_index.repeat_interleave(f_chunk, dim=1)  # [B, F]
         x0_in, noise_in, ctx_src = x0, noise, x0
         if corrupt is not None:
-            x0_in, noise_in, ctx_src = corrupt(x0, noise, t_frame_index[:, frame_offset : frame_offset + x0.shape[2]])
+            first = frame_offset // f_chunk
+            chunks = torch.arange(first, first + x0.shape[2] // f_chunk)
+            x0_in, noise_in, ctx_src = corrupt(x0, noise, draw.t_index[:, chunks.to(draw.t_index.device)], chunks)
 
         n0, n1 = shard.noisy
         idx = t_frame_index[:, n0:n1]

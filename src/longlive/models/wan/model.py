@@ -61,8 +61,8 @@ def _modulate(x: torch.Tensor, frames: int, shift: torch.Tensor, scale: torch.Te
 def _gated_residual(x: torch.Tensor, y: torch.Tensor, frames: int, gate: torch.Tensor) -> torch.Tensor:
     """x + y * gate with a per-frame gate, computed in fp32, returned in x's dtype."""
     b, s, d = x.shape
-    out = x.float().view(b, frames, s // frames, d) + y.float().view(b, frames, s // frames, d) * gate[:, :, None]
-    return out.view(b, s, d).to(x.dtype)
+    update = (y.float().view(b, frames, s // frames, d) * gate[:, :, None]).view(b, s, d)
+    return (x.float() + update).to(x.dtype)  # a fresh tensor, not a view (FSDP2 hooks block outputs)
 
 
 @dataclass
