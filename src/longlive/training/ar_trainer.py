@@ -65,7 +65,8 @@ class ARTrainer:
 
     def __init__(self, cfg: Config, logdir: str | Path, *, auto_resume: bool = True, save: bool = True,
                  evaluate: bool = True, ctx: ParallelContext | None = None, text_encoder: Any = None,
-                 max_steps: int | None = None) -> None:
+                 max_steps: int | None = None, model: torch.nn.Module | None = None) -> None:
+        """`ctx`, `text_encoder` and an already sharded `model` can be passed in (benchmarks reuse one model)."""
         check_training_config(cfg)
         self.cfg, self.logdir = cfg, Path(logdir)
         self.save_enabled, self.eval_enabled = save, evaluate
@@ -81,7 +82,7 @@ class ARTrainer:
 
         _, frames, channels, height, width = (int(s) for s in cfg.data.image_or_video_shape)
         self.latent_frames, self.latent_hw, self.channels = frames, (height, width), channels
-        self.model = build_sharded_model(cfg, ctx, self.seed)
+        self.model = model if model is not None else build_sharded_model(cfg, ctx, self.seed)
         self.sp = None
         if ctx.sp_size > 1:
             self.sp = SequenceParallel(ctx.sp_group, frames, cfg.frames_per_chunk, cfg.infra.sp_layout,

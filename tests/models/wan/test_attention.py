@@ -34,6 +34,27 @@ def test_flex_block_mask_equals_dense_mask_forward():
     assert (flex - dense).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("frames,chunk,tokens_per_frame,permute", [
+    (16, 8, 110, False),  # 3520 tokens, tiles straddle chunks
+    (8, 2, 37, False),    # 592 tokens: the last tile is partial
+    (24, 8, 16, True),    # a shuffled token order (sequence-parallel natural layouts)
+])
+def test_block_mask_is_built_without_the_dense_mask_and_equals_create_block_mask(frames, chunk, tokens_per_frame, permute):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lay = ChunkLayout.teacher_forcing(frames, chunk, tokens_per_frame)
+    if permute:
+        perm = torch.randperm(lay.chunk.numel())
+        lay = ChunkLayout(lay.chunk[perm], lay.noisy[perm])
+    n = lay.chunk.numel()
+    dense = lay.dense_mask()
+    ref = create_block_mask(lambda b, h, q, k: dense[q, k], None, None, n, n, device="cpu")
+    mine = lay.block_mask(rows_per_pass=256)  # several passes
+    assert torch.equal(mine.to_dense(), ref.to_dense())
+    assert torch.equal(mine.full_kv_num_blocks, ref.full_kv_num_blocks)
+    assert torch.equal(mine.kv_num_blocks, ref.kv_num_blocks)
+
+
 @pytest.mark.gpu
 @torch.no_grad()
 def test_gpu_backends_match_fp32_reference():

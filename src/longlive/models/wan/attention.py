@@ -65,17 +65,49 @@ class ChunkLayout:
         """Boolean `[S, S]` mask (True = attend)."""
         return _visible(self.chunk[:, None], self.noisy[:, None], self.chunk[None, :], self.noisy[None, :])
 
-    def block_mask(self):
-        """A flex_attention BlockMask for this layout."""
-        from torch.nn.attention.flex_attention import create_block_mask
+    def block_mask(self, block: int = 128, rows_per_pass: int = 2048):
+        """A flex_attention BlockMask for this layout, built without an `[S, S]` mask in memory.
+
+        `create_block_mask` materialises the dense mask (114 GB for the 338k tokens of a 32 s clip);
+        here the block table is computed `rows_per_pass` query tokens at a time. A tile is "full" when
+        every pair in it is visible and it lies inside the sequence, "partial" (mask_mod applied) when
+        some pair is visible.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
 
         chunk, noisy = self.chunk, self.noisy
+        n = chunk.numel()
+        nb = -(-n // block)
+        pad = nb * block - n
+        # padded keys/queries are invisible: chunk -1 clean keys are "earlier" than everything, so mark
+        # them with a flag instead and clear them explicitly
+        ck = torch.cat([chunk, chunk.new_zeros(pad)])
+        nk = torch.cat([noisy, noisy.new_zeros(pad)])
+        real = torch.arange(nb * block, device=chunk.device) < n
+        rows = max(block, rows_per_pass // block * block)
+        any_parts, all_parts = [], []
+        for start in range(0, nb * block, rows):
+            stop = min(start + rows, nb * block)
+            vis = _visible(ck[start:stop, None], nk[start:stop, None], ck[None, :], nk[None, :])
+            vis &= real[start:stop, None] & real[None, :]
+            tiles = vis.view((stop - start) // block, block, nb, block)
+            any_parts.append(tiles.any(dim=3).any(dim=1))
+            all_parts.append(tiles.all(dim=3).all(dim=1))
+        full = torch.cat(all_parts)
+        partial = torch.cat(any_parts) & ~full
+
+        def table(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            counts = m.sum(dim=1, dtype=torch.int32)
+            order = torch.sort((~m).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)  # True tiles first, ascending
+            return counts[None, None], order[None, None]
 
         def mask_mod(b, h, q_idx, kv_idx):
             return _visible(chunk[q_idx], noisy[q_idx], chunk[kv_idx], noisy[kv_idx])
 
-        n = chunk.numel()
-        return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=chunk.device)
+        kv_num, kv_idx = table(partial)
+        full_num, full_idx = table(full)
+        return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                        seq_lengths=(n, n))
 
 
 def _visible(cq, nq, ck, nk):
