@@ -326,7 +326,7 @@ class WanModel(nn.Module):
         if clean_x is not None:
             h = h[:, h.shape[1] - frames * tokens_per_frame :]
             if frames == 0:  # a rank holding only clean frames: an empty output, still tied to every parameter
-                return self.head(h, e).reshape(b, self.config.out_dim, 0, *x.shape[3:]).to(x.dtype)
+                return self.head(h, e).reshape(b, self.config.out_dim, 0, *x.shape[3:]).to(x.dtype).clone()
         out = self.head(h, e)
         return self.unpatchify(out, grid).to(x.dtype)
 
