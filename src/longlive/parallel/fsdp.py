@@ -20,7 +20,9 @@ from longlive.parallel.mesh import ParallelContext
 def shard_model(model: WanModel, ctx: ParallelContext, *, mixed_precision: bool, gradient_checkpointing: bool,
                 compile_blocks: bool = False) -> WanModel:
     """fully_shard each block and the root on `ctx.fsdp_mesh`; the model may be on the meta device."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    # cast_forward_inputs off: the model casts its own inputs and keeps modulation and RoPE tables in fp32
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed_precision else None,
+                              reduce_dtype=torch.float32 if mixed_precision else None, cast_forward_inputs=False)
     model.gradient_checkpointing = gradient_checkpointing
     if compile_blocks:
         model.compile_blocks()
