@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[name][0])
     sub_parser = argparse.ArgumentParser(prog=f"longlive {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub_parser)
-    sub_args = sub_parser.parse_intermixed_args(argv[idx + 1 :])  # overrides may follow options
+    # overrides (positional) may follow options; argparse cannot intermix around nested sub-commands
+    nested = any(isinstance(a, argparse._SubParsersAction) for a in sub_parser._actions)
+    parse = sub_parser.parse_args if nested else sub_parser.parse_intermixed_args
+    sub_args = parse(argv[idx + 1 :])
     logging.basicConfig(level=getattr(logging, str(top.log_level).upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s")
     return int(module.run(sub_args) or 0)
 
