@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--layouts", nargs="+", default=["balanced", "plain"])
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up step)")
     p.add_argument("--latent-hw", type=int, nargs=2, default=[44, 80])
+    p.add_argument("--compile", action="store_true", help="infra.compile_blocks: torch.compile each transformer block")
     p.add_argument("--out", help="JSON results (rank 0)")
     args = p.parse_args()
 
@@ -73,7 +74,7 @@ def main() -> None:
         "data.dataset_type=synthetic", "data.synthetic_samples=64", "logging.tensorboard=false", "logging.seed=1",
         f"infra.sequence_parallel_size={world}", "infra.sharding_strategy=full",
         "training.ema_start_step=0", "training.error_recycling.enabled=false",
-        f"training.max_iters={args.steps + 1}",
+        f"training.max_iters={args.steps + 1}", f"infra.compile_blocks={str(args.compile).lower()}",
     ])
     ctx = init_parallel(world, "full")
     if base.model_preset == "tiny":
@@ -113,7 +114,7 @@ def main() -> None:
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
     if ctx.is_main:
-        info = {"gpu": torch.cuda.get_device_name() if ctx.device.type == "cuda" else platform.processor() or "cpu",
+        info = {"compile_blocks": args.compile, "gpu": torch.cuda.get_device_name() if ctx.device.type == "cuda" else platform.processor() or "cpu",
                 "world_size": ctx.world_size, "torch": torch.__version__, "commit": commit(), "preset": args.preset,
                 "command": "torchrun --nproc_per_node %d benchmarks/train_ar.py %s" % (ctx.world_size, " ".join(
                     a for a in os.sys.argv[1:] if not a.startswith("--out")))}
