@@ -40,6 +40,18 @@ class RandomTextEmbeddings:
         return self.encode(flat).unflatten(0, (len(prompts), len(prompts[0])))
 
 
+def _without_out(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            out.append(a)
+    return out
+
+
 def commit() -> str:
     env = os.environ.get("LONGLIVE_COMMIT")
     if env:
@@ -117,7 +129,7 @@ def main() -> None:
         info = {"compile_blocks": args.compile, "gpu": torch.cuda.get_device_name() if ctx.device.type == "cuda" else platform.processor() or "cpu",
                 "world_size": ctx.world_size, "torch": torch.__version__, "commit": commit(), "preset": args.preset,
                 "command": "torchrun --nproc_per_node %d benchmarks/train_ar.py %s" % (ctx.world_size, " ".join(
-                    a for a in os.sys.argv[1:] if not a.startswith("--out")))}
+                    _without_out(os.sys.argv[1:])))}
         print("| video | layout | s/step | first step (compile) | peak allocated GiB |")
         print("| --- | --- | --- | --- | --- |")
         for r in results:
