@@ -139,6 +139,16 @@ def test_evaluation_and_export_are_loadable(tmp_path):
     out = torch.load(evals[0], weights_only=True)
     assert out["latents"].shape == (1, 16, 48, 4, 4) and out["ema"] is True
     assert torch.isfinite(out["latents"]).all()
+    trainer = ARTrainer(load_config(CONFIG, ["evaluation.save_latents_only=false", "evaluation.interval=1", *QUIET]),
+                        tmp_path / "mp4", save=False, evaluate=True, max_steps=1)
+    try:
+        trainer.run()
+    finally:
+        trainer.ctx.close()
+    from longlive.io.video import probe_video
+
+    videos = sorted((tmp_path / "mp4" / "eval" / "step_000001").glob("*.mp4"))
+    assert len(videos) == 3 and probe_video(videos[0]).num_frames == 1 + 4 * 15  # 16 latent frames
     ckpt = tmp_path / "checkpoint_000002"
     for name in ("generator.safetensors", "generator_ema.safetensors"):
         model = WanModel(WanConfig.preset("tiny"))

@@ -305,12 +305,27 @@ class ARTrainer:
                 latents = generate_latents(self.model, noise, prompts, options=options, scene_cuts=[sample.scene_cuts],
                                            negative_embeds=neg)
                 if ctx.is_main:
-                    path = out_dir / f"{i:03d}.pt"
-                    write_torch({"latents": latents.permute(0, 2, 1, 3, 4).contiguous().cpu(), "prompts": list(sample.prompts),
-                                 "step": self.step, "ema": use_ema}, path)
+                    if cfg.evaluation.save_latents_only:
+                        path = out_dir / f"{i:03d}.pt"
+                        write_torch({"latents": latents.permute(0, 2, 1, 3, 4).contiguous().cpu(),
+                                     "prompts": list(sample.prompts), "step": self.step, "ema": use_ema}, path)
+                    else:
+                        from longlive.io.video import save_video
+
+                        path = out_dir / f"{i:03d}.mp4"
+                        video = self._eval_vae().decode(latents.to(self._eval_vae().dtype))
+                        save_video(video[0].permute(1, 0, 2, 3).float().add(1).mul(0.5).clamp(0, 1).cpu(), path)
                     written.append(path)
         self.model.train()
         return written
+
+    def _eval_vae(self):
+        """The VAE for evaluation videos (the training VAE, or built on first use on rank 0)."""
+        if self.vae is None:
+            from longlive.pipelines.inference import build_vae
+
+            self.vae = build_vae(self.cfg, self.ctx.device, self.dtype).requires_grad_(False)
+        return self.vae
 
     # ------------------------------------------------------------------ loop
     def run(self, auto_resume: bool = True) -> TrainSummary:
