@@ -68,12 +68,12 @@ def test_tiny_run_on_synthetic_data_lowers_the_loss(tmp_path):
 
 # --------------------------------------------------------------------------------------------- parallel
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["balanced", "plain"])
-def test_fsdp_sequence_parallel_training_equals_single_process(tmp_path, layout):
+@pytest.mark.parametrize("layout,sharding", [("balanced", "full"), ("plain", "full"), ("balanced", "hybrid_full")])
+def test_fsdp_sequence_parallel_training_equals_single_process(tmp_path, layout, sharding):
     common = ["training.max_iters=3", "training.save_interval=3", "training.error_recycling.enabled=false", *QUIET]
     one = train_cli(tmp_path / "one", *common, summary=tmp_path / "one.json", extra=("--no-eval",))
     two = train_cli(tmp_path / "sp", *common, "infra.sequence_parallel_size=2", f"infra.sp_layout={layout}",
-                    nproc=2, summary=tmp_path / "sp.json", extra=("--no-eval",))
+                    f"infra.sharding_strategy={sharding}", nproc=2, summary=tmp_path / "sp.json", extra=("--no-eval",))
     ref, got = losses(one), losses(two)
     assert ref.keys() == got.keys() == {1, 2, 3}
     for k in ref:
