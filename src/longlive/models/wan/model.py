@@ -293,8 +293,8 @@ class WanModel(nn.Module):
         e, e0 = self.embed_time(t)
 
         if kv_cache is not None:
-            if chunk_frames is not None or clean_x is not None:
-                raise ValueError("kv_cache mode takes one chunk; do not pass chunk_frames or clean_x with it")
+            if chunk_frames is not None or clean_x is not None or attention is not None:
+                raise ValueError("kv_cache mode takes one chunk; do not pass chunk_frames, clean_x or attention with it")
             if frames != kv_cache.chunk_frames or b != kv_cache.batch_size:
                 raise ValueError(f"kv_cache expects chunks of [B={kv_cache.batch_size}, F={kv_cache.chunk_frames}], got [B={b}, F={frames}]")
             if frame_positions is None:
@@ -302,16 +302,16 @@ class WanModel(nn.Module):
             else:
                 cos, sin = rope_cos_sin(self.config, frame_positions, grid[1], grid[2])
             plan = _Plan(cos, sin, cache=kv_cache, groups=prompts)
+        elif clean_x is not None:
+            plan, tokens, e0 = self._teacher_forcing_plan(
+                x, clean_x, clean_t, tokens, e0, grid, prompts, chunk_frames, frame_positions, attention)
         else:
+            if attention is not None:
+                raise ValueError("a custom attention is only used in teacher forcing (with clean_x)")
             pos = torch.arange(frames, dtype=torch.float64, device=x.device) if frame_positions is None else frame_positions
             cos, sin = rope_cos_sin(self.config, pos, grid[1], grid[2])
             plan = _Plan(cos, sin, groups=prompts)
-            if clean_x is not None:
-                plan, tokens, e0 = self._teacher_forcing_plan(
-                    x, clean_x, clean_t, tokens, e0, grid, prompts, chunk_frames, frame_positions, attention)
-            elif attention is not None:
-                raise ValueError("a custom attention is only used in teacher forcing (with clean_x)")
-            elif chunk_frames is not None:
+            if chunk_frames is not None:
                 layout = ChunkLayout.block_causal(frames, chunk_frames, tokens_per_frame, x.device)
                 plan.mask = self._mask_for(layout, x)
         if tokens.shape[1] % plan.groups:
