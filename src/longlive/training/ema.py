@@ -44,15 +44,16 @@ class EMA:
                 _local(s).copy_(_local(state[n]))
 
     @contextmanager
-    @torch.no_grad()
     def applied(self, model: torch.nn.Module) -> Iterator[None]:
-        """Temporarily load the EMA weights into `model` (e.g. for evaluation)."""
+        """Temporarily load the EMA weights into `model` (e.g. for evaluation); restored on exit."""
         params = dict(model.named_parameters())
-        backup = {n: _local(params[n]).detach().clone() for n in self.shadow}
-        for n, s in self.shadow.items():
-            _local(params[n]).copy_(_local(s))
+        with torch.no_grad():
+            backup = {n: _local(params[n]).detach().clone() for n in self.shadow}
+            for n, s in self.shadow.items():
+                _local(params[n]).copy_(_local(s))
         try:
             yield
         finally:
-            for n, b in backup.items():
-                _local(params[n]).copy_(b)
+            with torch.no_grad():
+                for n, b in backup.items():
+                    _local(params[n]).copy_(b)
