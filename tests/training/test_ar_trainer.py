@@ -177,3 +177,21 @@ def test_plain_layout_with_error_recycling_is_refused(tmp_path):
     cfg = load_config(CONFIG, ["infra.sp_layout=plain", *QUIET])
     with pytest.raises(ConfigError, match="error_recycling needs infra.sp_layout: balanced"):
         ARTrainer(cfg, tmp_path)
+
+
+def test_resumed_run_keeps_the_random_seed_of_its_checkpoint(tmp_path):
+    cfg = load_config(CONFIG, ["logging.seed=0", "training.max_iters=2", "training.save_interval=2",
+                               "training.export_generator=false", *QUIET])
+    first = ARTrainer(cfg, tmp_path, evaluate=False)
+    try:
+        first.run()
+        seed = first.seed
+    finally:
+        first.ctx.close()
+    again = ARTrainer(load_config(CONFIG, ["logging.seed=0", "training.max_iters=3", *QUIET]), tmp_path, evaluate=False)
+    fresh = ARTrainer(load_config(CONFIG, ["logging.seed=0", *QUIET]), tmp_path / "other", evaluate=False)
+    try:
+        assert again.seed == seed and again.dataset.seed == seed
+        assert fresh.seed != seed  # seed 0 draws a new random seed for a new run
+    finally:
+        again.ctx.close()

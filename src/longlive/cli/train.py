@@ -36,9 +36,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = replace(cfg, logging=replace(cfg.logging, use_wandb=False))
     if cfg.algorithm.trainer != "diffusion":
         raise SystemExit(f"{args.config}: algorithm.trainer {cfg.algorithm.trainer!r} has no trainer in this build yet")
-    trainer = ARTrainer(cfg, args.logdir, save=not args.no_save, evaluate=not args.no_eval, max_steps=args.max_steps)
+    trainer = ARTrainer(cfg, args.logdir, auto_resume=not args.no_auto_resume, save=not args.no_save,
+                        evaluate=not args.no_eval, max_steps=args.max_steps)
     try:
-        summary = trainer.run(auto_resume=not args.no_auto_resume)
+        summary = trainer.run()
     finally:
         trainer.ctx.close()
     if trainer.ctx.is_main:

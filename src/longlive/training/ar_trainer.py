@@ -76,7 +76,11 @@ class ARTrainer:
         if ctx.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.seed = resolve_seed(cfg, ctx)
+        self.checkpoints = CheckpointManager(self.logdir, cfg.training.max_checkpoints)
+        self.resume_path = self.checkpoints.latest() if auto_resume else None
+        # a resumed run keeps its seed (with logging.seed 0 the seed was drawn at random): data order,
+        # synthetic data and evaluation noise depend on it
+        self.seed = self._checkpoint_seed(self.resume_path) if self.resume_path else resolve_seed(cfg, ctx)
         self.rng = RngStreams.create(self.seed, ctx)
         self.dtype = torch.bfloat16 if cfg.infra.mixed_precision else torch.float32
 
@@ -120,7 +124,6 @@ class ARTrainer:
             frames_per_chunk=cfg.frames_per_chunk, num_train_timesteps=cfg.algorithm.num_train_timestep,
             sp_rank=ctx.sp_rank if self.sp else 0, sp_size=ctx.sp_size if self.sp else 1,
             gather=self._warmup_gather if ctx.world_size > 1 else None)
-        self.checkpoints = CheckpointManager(self.logdir, t.max_checkpoints)
         self.step = 0
         self.skipped_samples = 0
 
@@ -149,6 +152,11 @@ class ARTrainer:
         if self.ema is None and t.ema_weight is not None and self.step >= t.ema_start_step:
             self.ema = EMA(self.model, t.ema_weight)
             log.info("EMA started at step %d (decay %s)", self.step, t.ema_weight)
+
+    def _checkpoint_seed(self, path: Path) -> int:
+        from longlive.training.checkpoint import rank_file_name
+
+        return int(torch.load(path / rank_file_name(self.ctx.rank), map_location="cpu", weights_only=True)["seed"])
 
     def resume(self, path: Path | None = None) -> bool:
         """Restore model, optimizer, EMA, step, RNG, data position and error buffers from `path` (default: newest)."""
@@ -282,6 +290,9 @@ class ARTrainer:
         cfg, ctx = self.cfg, self.ctx
         if not cfg.data.eval_data_path:
             return []
+        if cfg.i2v:
+            log.warning("step %d: evaluation of I2V training needs conditioning images; not run", self.step)
+            return []
         frames = int(cfg.evaluation.num_frames[0])
         eval_cfg = replace(cfg, inference=replace(cfg.inference, num_output_frames=frames))
         samples = load_prompts(cfg.data.eval_data_path, frames // cfg.frames_per_chunk,
@@ -328,10 +339,11 @@ class ARTrainer:
         return self.vae
 
     # ------------------------------------------------------------------ loop
-    def run(self, auto_resume: bool = True) -> TrainSummary:
+    def run(self) -> TrainSummary:
+        """Train to `training.max_iters` (or `max_steps` more steps), resuming first unless auto_resume was off."""
         cfg, ctx, t = self.cfg, self.ctx, self.cfg.training
-        if auto_resume:
-            self.resume()
+        if self.resume_path is not None:
+            self.resume(self.resume_path)
         start = self.step
         stop = t.max_iters if self.max_steps is None else min(t.max_iters, start + self.max_steps)
         wandb = None
