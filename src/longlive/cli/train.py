@@ -1,8 +1,9 @@
-"""`longlive train --config C --logdir DIR [field=value ...]`: stage-1 AR training (teacher forcing).
+"""`longlive train --config C --logdir DIR [field=value ...]`: the trainer named by `algorithm.trainer`.
 
-Runs as one process (CPU or one GPU) or under `torchrun` (data parallel x sequence parallel, FSDP2).
-A logdir that already holds checkpoints is resumed from the newest one unless --no-auto-resume.
-`algorithm.trainer: score_distillation` configs are refused here until the DMD trainer lands.
+`diffusion`: stage-1 AR training by teacher forcing (data parallel x sequence parallel on FSDP2).
+`score_distillation`: stage-2 DMD distillation (LoRA adapters on a shared base when `adapter` is set).
+Runs as one process (CPU or one GPU) or under `torchrun`. A logdir that already holds checkpoints is
+resumed from the newest one unless --no-auto-resume. Any error stops the run with a non-zero exit code.
 """
 from __future__ import annotations
 
@@ -29,22 +30,25 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
     from ..config import load_config
-    from ..training.ar_trainer import ARTrainer
-
     cfg = load_config(args.config, args.overrides)
     if args.disable_wandb:
         cfg = replace(cfg, logging=replace(cfg.logging, use_wandb=False))
-    if cfg.algorithm.trainer != "diffusion":
-        raise SystemExit(f"{args.config}: algorithm.trainer {cfg.algorithm.trainer!r} has no trainer in this build yet")
-    trainer = ARTrainer(cfg, args.logdir, auto_resume=not args.no_auto_resume, save=not args.no_save,
-                        evaluate=not args.no_eval, max_steps=args.max_steps)
+    if cfg.algorithm.trainer == "score_distillation":
+        from ..training.dmd_trainer import DMDTrainer
+
+        trainer = DMDTrainer(cfg, args.logdir, auto_resume=not args.no_auto_resume, save=not args.no_save,
+                             max_steps=args.max_steps)
+    else:
+        from ..training.ar_trainer import ARTrainer
+
+        trainer = ARTrainer(cfg, args.logdir, auto_resume=not args.no_auto_resume, save=not args.no_save,
+                            evaluate=not args.no_eval, max_steps=args.max_steps)
     try:
         summary = trainer.run()
     finally:
         trainer.ctx.close()
     if trainer.ctx.is_main:
-        log.info("steps %d -> %d, %.3f s/step, skipped samples %d", summary.start_step, summary.end_step,
-                 summary.seconds_per_step, summary.skipped_samples)
+        log.info("steps %d -> %d, %.3f s/step", summary.start_step, summary.end_step, summary.seconds_per_step)
         if args.summary_json:
             with open(args.summary_json, "w") as fh:
                 json.dump(asdict(summary), fh, indent=1)

@@ -31,6 +31,7 @@ class HashTextEncoder:
         if dim < 2 or text_len < 1:
             raise ValueError(f"HashTextEncoder needs dim >= 2 and text_len >= 1, got {dim} and {text_len}")
         self.dim, self.text_len, self.seed = dim, text_len, seed
+        self._warned: set[str] = set()
         self.device, self._dtype = torch.device(device), dtype
         pos = torch.arange(text_len, dtype=torch.float64)[:, None]
         freq = torch.pow(10000.0, -torch.arange(0, dim, 2, dtype=torch.float64) / dim)
@@ -50,7 +51,8 @@ class HashTextEncoder:
 
     def words(self, prompt: str) -> list[str]:
         words = _WORD.findall(clean_prompt(prompt).lower())
-        if len(words) > self.text_len:
+        if len(words) > self.text_len and prompt not in self._warned:
+            self._warned.add(prompt)  # once per prompt, not on every step of a training run
             log.warning("prompt of %d words truncated to text_len=%d: %.60s...", len(words), self.text_len, prompt)
         return words[: self.text_len]
 

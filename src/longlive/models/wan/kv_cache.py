@@ -217,6 +217,9 @@ class KVCache:
         kb, vb = self.k[layer], self.v[layer]
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         slots = [s.current_slot for s in self.samples]
+        n = self.num_valid * self.chunk_tokens
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            return self._update_with_grad(kb, vb, k, v, slots, n)
         if all(x == slots[0] for x in slots):
             a = slots[0] * self.chunk_tokens
             kb[:, :, a : a + self.chunk_tokens] = k
@@ -226,8 +229,22 @@ class KVCache:
                 a = slot * self.chunk_tokens
                 kb[b, :, a : a + self.chunk_tokens] = k[b]
                 vb[b, :, a : a + self.chunk_tokens] = v[b]
-        n = self.num_valid * self.chunk_tokens
         return kb[:, :, :n], vb[:, :, :n]
+
+    def _update_with_grad(self, kb, vb, k, v, slots, n):
+        """Training rollouts (DMD): store a detached copy, and return the window with the current chunk's
+        slot replaced out of place, so gradients reach this chunk's K/V without the persistent buffer
+        entering the graph (it is overwritten in place by the refresh afterwards)."""
+        ct = self.chunk_tokens
+        outs = []
+        for buf, cur in ((kb, k), (vb, v)):
+            rows = []
+            for b, slot in enumerate(slots):
+                a = slot * ct
+                buf[b, :, a : a + ct] = cur[b].detach()
+                rows.append(torch.cat([buf[b, :, :a], cur[b], buf[b, :, a + ct : n]], dim=1))
+            outs.append(torch.stack(rows))
+        return outs[0], outs[1]
 
     # ------------------------------------------------------------------ introspection (tests, logs)
     def attended_chunks(self, sample: int = 0) -> list[int]:
