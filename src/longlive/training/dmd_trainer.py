@@ -91,6 +91,8 @@ class _TrainState:
     def __init__(self, nets: DMDNetworks, optimizers: dict[str, torch.optim.Optimizer]) -> None:
         self.nets, self.optimizers = nets, optimizers
         self.options = StateDictOptions(ignore_frozen_params=True)
+        # loading: the frozen base is not in the checkpoint (DCP still loads every saved key)
+        self.load_options = StateDictOptions(ignore_frozen_params=True, strict=False)
 
     def _pairs(self):
         pairs = []
@@ -114,7 +116,7 @@ class _TrainState:
             key = f"model{i}"
             if key in state:
                 set_state_dict(model, opts, model_state_dict=state[key]["model"], optim_state_dict=state[key]["optim"],
-                               options=self.options)
+                               options=self.load_options)
 
 
 class DMDTrainer:
