@@ -71,6 +71,13 @@ def test_rollout_has_gradient_only_at_each_chunks_exit_step():
     with torch.no_grad():
         plain = rollout(model, model.config, noise, ctx, options=opts, exit_step=2, grad=False)
     torch.testing.assert_close(plain, out.detach())
+    # activation checkpointing recomputes the exit steps after the rollout moved on: same gradients
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    rollout(model, model.config, noise, ctx, options=opts, exit_step=2).square().mean().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7)
 
 
 def test_rollout_follows_each_samples_own_scene_cuts():
@@ -212,4 +219,4 @@ def test_distillation_moves_the_student_toward_the_teachers_samples(tmp_path):
             after = distance()
     finally:
         trainer.ctx.close()
-    assert after < 0.8 * before, (before, after)
+    assert after < 0.85 * before, (before, after)  # measured: 0.151 -> 0.112

@@ -35,6 +35,9 @@ def rollout(model: Velocity, config, noise: torch.Tensor, prompt_embeds: torch.T
     exits = [int(exit_step)] * chunks if isinstance(exit_step, int) else [int(e) for e in exit_step]
     if len(exits) != chunks or not all(0 <= e < options.sampling_steps for e in exits):
         raise ValueError(f"rollout: exit steps {exits} must be {chunks} values in [0, {options.sampling_steps})")
+    if grad and options.local_attn_size != -1 and options.local_attn_size < f:
+        raise ValueError(f"rollout: a {f}-frame rollout with gradient needs a KV window covering it (got "
+                         f"{options.local_attn_size} frames): exit-step forwards read earlier chunks' slots again in backward")
     if prompt_embeds.shape[:2] != (b, chunks):
         raise ValueError(f"rollout: prompt_embeds {tuple(prompt_embeds.shape)} must be [B={b}, chunks={chunks}, L, D]")
     cuts = [[False] * chunks for _ in range(b)] if scene_cuts is None else [list(map(bool, row)) for row in scene_cuts]

@@ -218,8 +218,6 @@ class KVCache:
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         slots = [s.current_slot for s in self.samples]
         n = self.num_valid * self.chunk_tokens
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            return self._update_with_grad(kb, vb, k, v, slots, n)
         if all(x == slots[0] for x in slots):
             a = slots[0] * self.chunk_tokens
             kb[:, :, a : a + self.chunk_tokens] = k
@@ -231,20 +229,13 @@ class KVCache:
                 vb[b, :, a : a + self.chunk_tokens] = v[b]
         return kb[:, :, :n], vb[:, :, :n]
 
-    def _update_with_grad(self, kb, vb, k, v, slots, n):
-        """Training rollouts (DMD): store a detached copy, and return the window with the current chunk's
-        slot replaced out of place, so gradients reach this chunk's K/V without the persistent buffer
-        entering the graph (it is overwritten in place by the refresh afterwards)."""
-        ct = self.chunk_tokens
-        outs = []
-        for buf, cur in ((kb, k), (vb, v)):
-            rows = []
-            for b, slot in enumerate(slots):
-                a = slot * ct
-                buf[b, :, a : a + ct] = cur[b].detach()
-                rows.append(torch.cat([buf[b, :, :a], cur[b], buf[b, :, a + ct : n]], dim=1))
-            outs.append(torch.stack(rows))
-        return outs[0], outs[1]
+    def grad_window(self) -> "GradWindow":
+        """A view for a forward WITH gradient (DMD exit steps): the current chunk's K/V are spliced into the
+        window out of place and nothing is written, and the slot layout is frozen now, so activation
+        checkpointing recomputes the same window after the rollout has moved on. The chunk's own K/V are
+        written later by the (no-grad) refresh."""
+        return GradWindow(self.k, self.v, [s.current_slot for s in self.samples], self.num_valid * self.chunk_tokens,
+                          self.chunk_tokens)
 
     # ------------------------------------------------------------------ introspection (tests, logs)
     def attended_chunks(self, sample: int = 0) -> list[int]:
@@ -258,3 +249,20 @@ class KVCache:
 
     def shot_index(self, sample: int = 0) -> int:
         return self.samples[sample].shot_index
+
+
+class GradWindow:
+    """See `KVCache.grad_window`. Valid while the slots it reads are not reused (the rollout window covers the clip)."""
+
+    def __init__(self, k, v, slots: list[int], valid_tokens: int, chunk_tokens: int) -> None:
+        self.k, self.v, self.slots, self.n, self.ct = k, v, slots, valid_tokens, chunk_tokens
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = []
+        for buf, cur in ((self.k[layer], k.transpose(1, 2)), (self.v[layer], v.transpose(1, 2))):
+            rows = []
+            for b, slot in enumerate(self.slots):
+                a = slot * self.ct
+                rows.append(torch.cat([buf[b, :, :a], cur[b], buf[b, :, a + self.ct : self.n]], dim=1))
+            outs.append(torch.stack(rows))
+        return outs[0], outs[1]

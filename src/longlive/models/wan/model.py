@@ -301,7 +301,8 @@ class WanModel(nn.Module):
                 cos, sin = kv_cache.rope_tables(self.config, grid[1], grid[2], x.device)
             else:
                 cos, sin = rope_cos_sin(self.config, frame_positions, grid[1], grid[2])
-            plan = _Plan(cos, sin, cache=kv_cache, groups=prompts)
+            cache = kv_cache.grad_window() if torch.is_grad_enabled() else kv_cache
+            plan = _Plan(cos, sin, cache=cache, groups=prompts)
         elif clean_x is not None:
             plan, tokens, e0 = self._teacher_forcing_plan(
                 x, clean_x, clean_t, tokens, e0, grid, prompts, chunk_frames, frame_positions, attention)
