@@ -109,13 +109,25 @@ def test_shared_base_lora_gives_the_losses_of_three_separate_models(tmp_path):
         assert separate.critic_losses[k] == pytest.approx(v, rel=1e-5)
 
 
-def test_full_fine_tuning_without_adapter_trains_whole_models(tmp_path):
-    trainer, summary = run_dmd(tmp_path, "training.max_iters=2", "adapter=null")
+def test_full_fine_tuning_without_adapter_trains_whole_models_with_ema(tmp_path):
+    trainer, summary = run_dmd(tmp_path, "training.max_iters=6", "training.save_interval=6", "adapter=null",
+                               "training.ema_start_step=1", save=True)
     gen, teacher, critic = trainer.nets.roles
     assert gen.adapter is None and critic.adapter is None
     assert gen.model is not teacher.model and critic.model is not teacher.model and gen.model is not critic.model
     assert len(gen.parameters()) == len(list(teacher.model.parameters()))
-    assert set(summary.critic_losses) == {1, 2}
+    assert set(summary.critic_losses) == set(range(1, 7)) and set(summary.generator_losses) == {1, 6}
+    assert trainer.ema is not None
+    ckpt = tmp_path / "checkpoint_000006"
+    assert (ckpt / "generator.safetensors").is_file() and (ckpt / "generator_ema.safetensors").is_file()
+
+
+def test_evaluation_writes_student_samples(tmp_path):
+    run_dmd(tmp_path, "training.max_iters=2", "evaluation.interval=2", "evaluation.num_frames=16",
+            f"data.eval_data_path={REPO / 'examples/prompts/long_example.txt'}")
+    files = sorted((tmp_path / "eval" / "step_000002").glob("*.pt"))
+    assert len(files) == 3
+    assert torch.load(files[0], weights_only=True)["latents"].shape == (1, 16, 48, 4, 4)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         from ..training.dmd_trainer import DMDTrainer
 
         trainer = DMDTrainer(cfg, args.logdir, auto_resume=not args.no_auto_resume, save=not args.no_save,
-                             max_steps=args.max_steps)
+                             evaluate=not args.no_eval, max_steps=args.max_steps)
     else:
         from ..training.ar_trainer import ARTrainer
 

@@ -279,56 +279,21 @@ class ARTrainer:
         return scalars
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self) -> list[Path]:
-        """Generate the evaluation prompts with the model (EMA weights when evaluation.use_ema); rank 0 writes."""
-        from longlive.data.prompts import load_prompts
-        from longlive.io.checkpoint import write_torch
-        from longlive.pipelines.chunked import generate_latents
-        from longlive.pipelines.inference import chunked_options
-
-        cfg, ctx = self.cfg, self.ctx
-        if not cfg.data.eval_data_path:
-            return []
-        if cfg.i2v:
-            log.warning("step %d: evaluation of I2V training needs conditioning images; not run", self.step)
-            return []
-        frames = int(cfg.evaluation.num_frames[0])
-        eval_cfg = replace(cfg, inference=replace(cfg.inference, num_output_frames=frames))
-        samples = load_prompts(cfg.data.eval_data_path, frames // cfg.frames_per_chunk,
-                               chunks_per_shot=cfg.data.chunks_per_shot, scene_cut_prefix=cfg.inference.scene_cut_prefix,
-                               mismatch=cfg.data.prompt_length_mismatch)
-        options = chunked_options(eval_cfg)
-        out_dir = self.logdir / "eval" / f"step_{self.step:06d}"
-        written = []
-        neg = None
-        if options.guidance_scale != 1.0:
-            neg = self.text_encoder.encode([cfg.inference.negative_prompt]).to(ctx.device, self.dtype)
-        self.model.eval()
-        use_ema = cfg.evaluation.use_ema and self.ema is not None
+        """Generate the evaluation prompts with the model (EMA weights when evaluation.use_ema)."""
         from contextlib import nullcontext
 
-        with (self.ema.applied(self.model) if use_ema else nullcontext()):
-            for i, sample in enumerate(samples):
-                g = torch.Generator().manual_seed(self.seed + i)
-                noise = torch.randn(1, self.channels, frames, *self.latent_hw, generator=g).to(ctx.device, self.dtype)
-                prompts = self.text_encoder.encode_chunks([sample.prompts]).to(ctx.device, self.dtype)
-                latents = generate_latents(self.model, noise, prompts, options=options, scene_cuts=[sample.scene_cuts],
-                                           negative_embeds=neg)
-                if ctx.is_main:
-                    if cfg.evaluation.save_latents_only:
-                        path = out_dir / f"{i:03d}.pt"
-                        write_torch({"latents": latents.permute(0, 2, 1, 3, 4).contiguous().cpu(),
-                                     "prompts": list(sample.prompts), "step": self.step, "ema": use_ema}, path)
-                    else:
-                        from longlive.io.video import save_video
+        from longlive.training.evaluation import evaluate_generator
 
-                        path = out_dir / f"{i:03d}.mp4"
-                        video = self._eval_vae().decode(latents.to(self._eval_vae().dtype))
-                        save_video(video[0].permute(1, 0, 2, 3).float().add(1).mul(0.5).clamp(0, 1).cpu(), path)
-                    written.append(path)
-        self.model.train()
-        return written
+        use_ema = self.cfg.evaluation.use_ema and self.ema is not None
+        self.model.eval()
+        try:
+            with (self.ema.applied(self.model) if use_ema else nullcontext()):
+                return evaluate_generator(self.model, self.cfg, text_encoder=self.text_encoder, step=self.step,
+                                          seed=self.seed, out_root=self.logdir, device=self.ctx.device, dtype=self.dtype,
+                                          is_main=self.ctx.is_main, vae=self._eval_vae, tag={"ema": use_ema})
+        finally:
+            self.model.train()
 
     def _eval_vae(self):
         """The VAE for evaluation videos (the training VAE, or built on first use on rank 0)."""

@@ -122,9 +122,10 @@ class _TrainState:
 class DMDTrainer:
     def __init__(self, cfg: Config, logdir: str | Path, *, auto_resume: bool = True, save: bool = True,
                  ctx: ParallelContext | None = None, text_encoder: Any = None, share_base: bool = True,
-                 max_steps: int | None = None) -> None:
+                 max_steps: int | None = None, evaluate: bool = True) -> None:
         check_dmd_config(cfg)
         self.cfg, self.logdir, self.save_enabled, self.max_steps = cfg, Path(logdir), save, max_steps
+        self.eval_enabled, self._vae = evaluate, None
         self.ctx = ctx or init_parallel(1, cfg.infra.sharding_strategy)
         ctx = self.ctx
         if ctx.device.type == "cuda":
@@ -156,6 +157,7 @@ class DMDTrainer:
                                         betas=(t.beta1_critic, t.beta2_critic), weight_decay=t.weight_decay),
         }
         self.state = _TrainState(self.nets, self.optimizers)
+        self.ema = None  # full fine-tuning only (spec 6.2: no EMA with LoRA)
         self.schedule = TrainingSchedule(cfg.model_kwargs.timestep_shift, cfg.algorithm.num_train_timestep)
         window = cfg.local_attn_size
         frames = t.num_training_frames
@@ -243,6 +245,7 @@ class DMDTrainer:
             loss = dmd_generator_loss(x, grad)
             loss.backward()
             scalars["generator_grad_norm"] = self._clip_and_step("generator", t.max_grad_norm_generator)
+            self._update_ema(self.step + 1)
             scalars["generator_loss"] = self._global_mean(loss.detach())
         with torch.no_grad():
             x = self._rollout(context, cuts, chunks, exit_step, grad=False)
@@ -259,6 +262,21 @@ class DMDTrainer:
                 raise FloatingPointError(f"step {self.step}: {k} is {scalars[k]}; stopping")
         return scalars
 
+    def _update_ema(self, step: int) -> None:
+        from longlive.training.ema import EMA
+
+        t = self.cfg.training
+        if self.cfg.adapter is not None or t.ema_weight is None or step < t.ema_start_step:
+            return
+        if self.ema is None:
+            self.ema = EMA(self.nets.generator.model, t.ema_weight)
+            log.info("generator EMA started at step %d (decay %s)", step, t.ema_weight)
+        else:
+            self.ema.update(self.nets.generator.model)
+
+    def _state_objects(self) -> dict[str, Any]:
+        return {"train": self.state, **({"ema": self.ema} if self.ema is not None else {})}
+
     def _clip_and_step(self, role: str, max_norm: float) -> float:
         params = getattr(self.nets, role).parameters()
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -272,6 +290,27 @@ class DMDTrainer:
         v = value.float().reshape(1).to(self.ctx.device)
         dist.all_reduce(v)
         return float(v) / self.ctx.world_size
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> list[Path]:
+        """The student (generator role) on the evaluation prompts with the `inference` sampling settings."""
+        from longlive.training.evaluation import evaluate_generator
+
+        def vae():
+            if self._vae is None:
+                from longlive.pipelines.inference import build_vae
+
+                self._vae = build_vae(self.cfg, self.ctx.device, self.dtype).requires_grad_(False)
+            return self._vae
+
+        model = self.nets.generator.model
+        model.eval()
+        try:
+            return evaluate_generator(self.nets.generator, self.cfg, text_encoder=self.text_encoder, step=self.step,
+                                      seed=self.seed, out_root=self.logdir, device=self.ctx.device, dtype=self.dtype,
+                                      is_main=self.ctx.is_main, vae=vae)
+        finally:
+            model.train()
 
     # ------------------------------------------------------------------ checkpoints
     def lora_checkpoint(self) -> dict[str, Any]:
@@ -299,19 +338,28 @@ class DMDTrainer:
                 if self.ctx.is_main:
                     write_torch(lora, folder / "lora.pt")
             else:
+                meta = {"step": str(step), "checkpoint_format": "longlive_generator"}
                 export_full_state(dict(self.nets.generator.model.state_dict()), folder / "generator.safetensors",
-                                  metadata={"step": str(step), "checkpoint_format": "longlive_generator"},
-                                  dtype=torch.bfloat16)
+                                  metadata=meta, dtype=torch.bfloat16)
+                if self.ema is not None:
+                    export_full_state(self.ema.state_dict(), folder / "generator_ema.safetensors",
+                                      metadata={**meta, "ema": "true"}, dtype=torch.bfloat16)
 
         per_rank = {"step": step, "seed": self.seed, "rng": self.rng.state_dict(), "common": self.common.get_state(),
                     "data": self.stream.state_dict()}
-        return self.checkpoints.save(step, {"train": self.state}, per_rank=per_rank, export=export)
+        per_rank["has_ema"] = self.ema is not None
+        return self.checkpoints.save(step, self._state_objects(), per_rank=per_rank, export=export)
 
     def resume(self, path: Path) -> None:
         from longlive.training.checkpoint import read_manifest
 
+        from longlive.training.ema import EMA
+
         self.step = int(read_manifest(path)["step"])
-        per_rank = self.checkpoints.load(path, {"train": self.state}, per_rank_keys=("rng", "common", "data"))
+        has_ema = bool(torch.load(path / rank_file_name(self.ctx.rank), weights_only=True).get("has_ema", False))
+        if has_ema:
+            self.ema = EMA(self.nets.generator.model, self.cfg.training.ema_weight or 0.0)
+        per_rank = self.checkpoints.load(path, self._state_objects(), per_rank_keys=("rng", "common", "data"))
         self.rng.load_state_dict(per_rank["rng"])
         self.common.set_state(per_rank["common"])
         self.stream.load_state_dict(per_rank["data"])
@@ -343,6 +391,8 @@ class DMDTrainer:
                 logger.log(self.step, s)
                 if self.step % t.gc_interval == 0:
                     gc.collect()
+                if self.eval_enabled and cfg.evaluation.interval and self.step % cfg.evaluation.interval == 0:
+                    self.evaluate()
                 if self.save_enabled and (self.step % t.save_interval == 0 or self.step == t.max_iters):
                     saved.append(str(self.save()))
         peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None
