@@ -97,8 +97,10 @@ def test_rollout_follows_each_samples_own_scene_cuts():
 
 
 # --------------------------------------------------------------------------------------------- networks
-def test_shared_base_lora_gives_the_losses_of_three_separate_models(tmp_path):
-    steps = ["training.max_iters=6"]
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_base_lora_gives_the_losses_of_three_separate_models(tmp_path, checkpointing):
+    # with activation checkpointing the blocks are recomputed in backward: the adapter must travel with them
+    steps = ["training.max_iters=6", f"infra.gradient_checkpointing={str(checkpointing).lower()}"]
     shared_tr, shared = run_dmd(tmp_path / "a", *steps, share_base=True)
     separate_tr, separate = run_dmd(tmp_path / "b", *steps, share_base=False)
     assert len(shared_tr.nets.models) == 1 and len(separate_tr.nets.models) == 3

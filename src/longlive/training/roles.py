@@ -10,9 +10,7 @@ trainable roles their own models.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -31,34 +29,6 @@ ROLES = ("generator", "real_score", "fake_score")
 _CKPT_FIELD = {"generator": "generator_ckpt", "real_score": "real_score_ckpt", "fake_score": "fake_score_ckpt"}
 
 
-def _lora_layers(model: nn.Module):
-    from peft.tuners.lora import LoraLayer
-
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]
-
-
-@contextmanager
-def active_adapter(model: nn.Module, adapter: str | None) -> Iterator[None]:
-    """Run `model` with one adapter active (None: the base alone).
-
-    Sets PEFT's active-adapter / disabled flags directly instead of `set_adapter` / `enable_adapters`,
-    which also flip `requires_grad` (that must stay fixed once FSDP2 has sharded the parameters).
-    """
-    layers = _lora_layers(model)
-    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
-    for m in layers:
-        if adapter is None:
-            m._disable_adapters = True
-        else:
-            m._active_adapter = [adapter]
-            m._disable_adapters = False
-    try:
-        yield
-    finally:
-        for m, (a, d) in zip(layers, saved):
-            m._active_adapter, m._disable_adapters = a, d
-
-
 @dataclass
 class Role:
     """One DMD network: a (possibly shared) WanModel and the adapter that makes it this role."""
@@ -73,8 +43,8 @@ class Role:
         return self.model.config
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
-        with active_adapter(self.model, self.adapter):
-            return self.model(*args, **kwargs)
+        # the adapter choice travels with the forward, so activation checkpointing recomputes with it
+        return self.model(*args, adapter=self.adapter, **kwargs)
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters this role trains (its adapter, or the whole model)."""

@@ -8,7 +8,8 @@ as `{generator_lora, critic_lora, step}` or as a bare dict.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -81,3 +82,27 @@ def merge_lora(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.get_base_layer())
     return model
+
+
+@contextmanager
+def active_adapter(module: nn.Module, adapter: str | None) -> Iterator[None]:
+    """Run `module` with one LoRA adapter active (None: the base alone), restoring the previous state.
+
+    Sets PEFT's active-adapter / disabled flags directly instead of `set_adapter` / `enable_adapters`,
+    which also flip `requires_grad` (that must stay fixed once FSDP2 has sharded the parameters).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in module.modules() if isinstance(m, LoraLayer)]
+    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    for m in layers:
+        if adapter is None:
+            m._disable_adapters = True
+        else:
+            m._active_adapter = [adapter]
+            m._disable_adapters = False
+    try:
+        yield
+    finally:
+        for m, (a, d) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters = a, d

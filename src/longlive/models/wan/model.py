@@ -12,6 +12,7 @@ Parameter names and shapes are exactly the original Wan checkpoint keys (spec 1.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -163,6 +164,16 @@ class Head(nn.Module):
         return _linear_fp32(self.head, _modulate(x, e.shape[1], shift, scale, self.eps))
 
 
+KEEP_ADAPTERS = object()  # forward(adapter=...) default: leave LoRA adapters as they are
+
+
+def _with_adapter(block: nn.Module, adapter: str | None, *args):
+    from .lora import active_adapter
+
+    with active_adapter(block, adapter):
+        return block(*args)
+
+
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Wan timestep embedding: concat(cos(t*w), sin(t*w)), w_k = 10000^(-k/(dim/2)), in float64."""
     half = dim // 2
@@ -274,6 +285,7 @@ class WanModel(nn.Module):
         kv_cache: KVCache | None = None,
         frame_positions: torch.Tensor | None = None,
         attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        adapter: Any = KEEP_ADAPTERS,
     ) -> torch.Tensor:
         """Velocity for `x` (see the module docstring for the modes).
 
@@ -282,6 +294,9 @@ class WanModel(nn.Module):
         `[clean; noisy]` (or of `x`, shared by both halves), `context` one prompt per local chunk slot
         (or one prompt), and `attention(q, k, v)` replaces the masked self-attention (it exchanges
         tokens across ranks and applies the global mask itself).
+        `adapter` selects the active LoRA adapter inside every block (None: base only); it is applied
+        per block call, so activation checkpointing recomputes with the same adapter.
+        A `kv_cache` forward with gradient enabled reads the cache but does not write it (DMD exit steps).
         """
         b, _, f, _, _ = x.shape
         if t.dim() != 2 or t.shape != (b, f):
@@ -320,10 +335,11 @@ class WanModel(nn.Module):
 
         h = tokens
         for i, block in enumerate(self.blocks):
+            run = block if adapter is KEEP_ADAPTERS else functools.partial(_with_adapter, block, adapter)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, e0, ctx, plan, i, use_reentrant=False)
+                h = checkpoint(run, h, e0, ctx, plan, i, use_reentrant=False)
             else:
-                h = block(h, e0, ctx, plan, i)
+                h = run(h, e0, ctx, plan, i)
         if clean_x is not None:
             h = h[:, h.shape[1] - frames * tokens_per_frame :]
             if frames == 0:  # a rank holding only clean frames: an empty output, still tied to every parameter
