@@ -234,3 +234,17 @@ def test_distillation_moves_the_student_toward_the_teachers_samples(tmp_path):
     finally:
         trainer.ctx.close()
     assert after < 0.85 * before, (before, after)  # measured: 0.151 -> 0.112
+
+
+def test_lora_ckpt_starts_the_generator_adapter_and_an_empty_critic_starts_fresh(tmp_path):
+    first, _ = run_dmd(tmp_path / "a", "training.max_iters=1", save=True)
+    lora = torch.load(first.checkpoints.latest() / "lora.pt", weights_only=True)
+    torch.save({"generator_lora": lora["generator_lora"], "critic_lora": {}, "step": 1}, tmp_path / "l.pt")
+    trainer = DMDTrainer(load_config(CONFIG, [*QUIET, f"checkpoints.lora_ckpt={tmp_path / 'l.pt'}"]), tmp_path / "b")
+    try:
+        state = trainer.lora_checkpoint()
+    finally:
+        trainer.ctx.close()
+    assert state["generator_lora"].keys() == lora["generator_lora"].keys()
+    assert all(torch.equal(state["generator_lora"][k], v) for k, v in lora["generator_lora"].items())
+    assert not any(v.abs().sum() for k, v in state["critic_lora"].items() if ".lora_B." in k)  # fresh: B = 0

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from longlive.config import Config, ConfigError
 from longlive.diffusion.schedule import TrainingSchedule
+from longlive.io.checkpoint import CheckpointError
 from longlive.models.wan.lora import PEFT_PREFIX, read_lora_checkpoint
 from longlive.parallel.mesh import ParallelContext, init_parallel
 from longlive.pipelines.inference import chunked_options
@@ -145,9 +146,13 @@ class DMDTrainer:
             path = cfg.checkpoints.lora_ckpt
             lora_init["generator"], _ = read_lora_checkpoint(path, "generator")
             try:
-                lora_init["critic"], _ = read_lora_checkpoint(path, "critic")
-            except Exception:
-                log.info("%s has no critic_lora; the critic adapter starts fresh", path)
+                critic, _ = read_lora_checkpoint(path, "critic")
+            except CheckpointError:
+                critic = {}
+            if critic:
+                lora_init["critic"] = critic
+            else:
+                log.info("%s has no critic_lora weights; the critic adapter starts fresh", path)
         self.nets = build_networks(cfg, ctx, self.seed, share_base=share_base, lora_init=lora_init)
         t = cfg.training
         self.optimizers = {
