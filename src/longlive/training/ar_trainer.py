@@ -26,8 +26,8 @@ from longlive.parallel.sequence import SequenceParallel
 from longlive.training.checkpoint import CheckpointManager, ModelOptimizerState, export_full_state, read_manifest
 from longlive.training.ema import EMA
 from longlive.training.error_recycling import ErrorRecycler
-from longlive.training.logger import TrainLogger
-from longlive.training.runtime import BatchStream, RngStreams, build_sharded_model, dataset_from_config, resolve_seed
+from longlive.training.runtime import (BatchStream, RngStreams, build_sharded_model, dataset_from_config,
+                                       open_logger, resolve_seed)
 from longlive.training.teacher_forcing import TeacherForcing
 
 log = logging.getLogger(__name__)
@@ -311,18 +311,12 @@ class ARTrainer:
             self.resume(self.resume_path)
         start = self.step
         stop = t.max_iters if self.max_steps is None else min(t.max_iters, start + self.max_steps)
-        wandb = None
-        if cfg.logging.use_wandb:
-            wandb = {"project": cfg.logging.wandb_project, "entity": cfg.logging.wandb_entity,
-                     "key": cfg.logging.wandb_key, "host": cfg.logging.wandb_host}
         losses: dict[int, float] = {}
         saved: list[str] = []
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         times = []
-        with TrainLogger(self.logdir, rank=ctx.rank, total_steps=t.max_iters, start_step=start,
-                         tensorboard=cfg.logging.tensorboard, wandb=wandb, log_interval=cfg.logging.log_interval,
-                         config_dict=cfg.to_dict()) as logger:
+        with open_logger(cfg, self.logdir, ctx.rank, start) as logger:
             while self.step < stop:
                 scalars = self.train_step()
                 losses[self.step] = scalars["loss"]

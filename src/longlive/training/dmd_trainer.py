@@ -29,10 +29,9 @@ from longlive.parallel.mesh import ParallelContext, init_parallel
 from longlive.pipelines.inference import chunked_options
 from longlive.training.checkpoint import CheckpointManager, rank_file_name
 from longlive.training.dmd import critic_flow_loss, dmd_generator_loss, dmd_gradient, sample_dmd_timesteps, x0_from_velocity
-from longlive.training.logger import TrainLogger
 from longlive.training.roles import DMDNetworks, Role, build_networks
 from longlive.training.rollout import rollout
-from longlive.training.runtime import BatchStream, RngStreams, resolve_seed
+from longlive.training.runtime import BatchStream, RngStreams, open_logger, resolve_seed
 
 log = logging.getLogger(__name__)
 
@@ -377,16 +376,10 @@ class DMDTrainer:
             self.resume(self.resume_path)
         start = self.step
         stop = t.max_iters if self.max_steps is None else min(t.max_iters, start + self.max_steps)
-        wandb = None
-        if cfg.logging.use_wandb:
-            wandb = {"project": cfg.logging.wandb_project, "entity": cfg.logging.wandb_entity,
-                     "key": cfg.logging.wandb_key, "host": cfg.logging.wandb_host}
         gen, crit, times, saved = {}, {}, [], []
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        with TrainLogger(self.logdir, rank=ctx.rank, total_steps=t.max_iters, start_step=start,
-                         tensorboard=cfg.logging.tensorboard, wandb=wandb, log_interval=cfg.logging.log_interval,
-                         config_dict=cfg.to_dict()) as logger:
+        with open_logger(cfg, self.logdir, ctx.rank, start) as logger:
             while self.step < stop:
                 s = self.train_step()
                 if "generator_loss" in s:

@@ -185,3 +185,15 @@ def logdir_path(logdir: str | Path) -> Path:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--logdir {path} exists and is not a directory")
     return path
+
+
+def open_logger(cfg: Config, logdir: Path, rank: int, start_step: int):
+    """The run's TrainLogger: progress bar, TensorBoard (`logging.tensorboard`), wandb (`logging.use_wandb`)."""
+    from longlive.training.logger import TrainLogger
+
+    lg = cfg.logging
+    wandb = None
+    if lg.use_wandb:
+        wandb = {"project": lg.wandb_project, "entity": lg.wandb_entity, "key": lg.wandb_key, "host": lg.wandb_host}
+    return TrainLogger(logdir, rank=rank, total_steps=cfg.training.max_iters, start_step=start_step,
+                       tensorboard=lg.tensorboard, wandb=wandb, log_interval=lg.log_interval, config_dict=cfg.to_dict())
