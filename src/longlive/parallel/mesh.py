@@ -48,6 +48,9 @@ class ParallelContext:
 
     def close(self) -> None:
         if self.owns_process_group and dist.is_initialized():
+            # every rank reaches this point before any tears down (a rank destroying gloo while a peer
+            # still finishes its last collective aborted with "terminate called without an active exception")
+            dist.barrier()
             dist.destroy_process_group()
 
 
