@@ -8,11 +8,10 @@ intervals; a run started on a logdir with checkpoints resumes exactly where the 
 """
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,11 @@ from longlive.config import Config, ConfigError
 from longlive.diffusion.schedule import TrainingSchedule
 from longlive.parallel.mesh import ParallelContext, init_parallel
 from longlive.parallel.sequence import SequenceParallel
-from longlive.training.checkpoint import CheckpointManager, ModelOptimizerState, export_full_state, read_manifest
+from longlive.training.checkpoint import CheckpointManager, ModelOptimizerState, read_manifest
 from longlive.training.ema import EMA
 from longlive.training.error_recycling import ErrorRecycler
 from longlive.training.runtime import (BatchStream, RngStreams, build_sharded_model, dataset_from_config,
-                                       open_logger, resolve_seed)
+                                       export_generator, resolve_seed, run_training)
 from longlive.training.teacher_forcing import TeacherForcing
 
 log = logging.getLogger(__name__)
@@ -177,16 +176,12 @@ class ARTrainer:
 
     def save(self) -> Path:
         step = self.step
-        export = None
-        if self.cfg.training.export_generator:
-            def export(folder: Path) -> None:
-                meta = {"step": str(step), "checkpoint_format": "longlive_generator", "dtype": "bfloat16"}
-                export_full_state(dict(self.model.state_dict()), folder / "generator.safetensors", metadata=meta,
-                                  dtype=torch.bfloat16)
-                if self.ema is not None:
-                    export_full_state(self.ema.state_dict(), folder / "generator_ema.safetensors",
-                                      metadata={**meta, "ema": "true"}, dtype=torch.bfloat16)
-        return self.checkpoints.save(step, self._state(), per_rank=self._per_rank(), export=export)
+
+        def export(folder: Path) -> None:
+            export_generator(folder, self.model, self.ema, step)
+
+        return self.checkpoints.save(step, self._state(), per_rank=self._per_rank(),
+                                     export=export if self.cfg.training.export_generator else None)
 
     # ------------------------------------------------------------------ one step
     def _latents(self, batch: dict[str, Any] | None) -> tuple[torch.Tensor, int, dict[str, Any]]:
@@ -306,31 +301,9 @@ class ARTrainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> TrainSummary:
         """Train to `training.max_iters` (or `max_steps` more steps), resuming first unless auto_resume was off."""
-        cfg, ctx, t = self.cfg, self.ctx, self.cfg.training
-        if self.resume_path is not None:
-            self.resume(self.resume_path)
-        start = self.step
-        stop = t.max_iters if self.max_steps is None else min(t.max_iters, start + self.max_steps)
         losses: dict[int, float] = {}
-        saved: list[str] = []
-        if ctx.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(ctx.device)
-        times = []
-        with open_logger(cfg, self.logdir, ctx.rank, start) as logger:
-            while self.step < stop:
-                scalars = self.train_step()
-                losses[self.step] = scalars["loss"]
-                times.append(scalars["seconds_per_step"])
-                logger.log(self.step, scalars)
-                if self.step % t.gc_interval == 0:
-                    gc.collect()
-                if self.eval_enabled and cfg.evaluation.interval and self.step % cfg.evaluation.interval == 0:
-                    self.evaluate()
-                if self.save_enabled and (self.step % t.save_interval == 0 or self.step == t.max_iters):
-                    saved.append(str(self.save()))
+        res = run_training(self, lambda step, scalars: losses.__setitem__(step, scalars["loss"]))
         if self.skipped_samples:
             log.warning("%d training sample(s) could not be read and were skipped (see the warnings above)", self.skipped_samples)
-        peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None
-        steady = times[1:] or times
-        return TrainSummary(start, self.step, losses, self.skipped_samples,
-                            sum(steady) / max(len(steady), 1), peak, saved)
+        return TrainSummary(res.start_step, self.step, losses, self.skipped_samples, res.seconds_per_step,
+                            res.peak_memory_gib, res.checkpoints)

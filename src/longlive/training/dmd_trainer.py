@@ -9,7 +9,6 @@ trainer's machinery.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import time
@@ -31,7 +30,7 @@ from longlive.training.checkpoint import CheckpointManager, rank_file_name
 from longlive.training.dmd import critic_flow_loss, dmd_generator_loss, dmd_gradient, sample_dmd_timesteps, x0_from_velocity
 from longlive.training.roles import DMDNetworks, Role, build_networks
 from longlive.training.rollout import rollout
-from longlive.training.runtime import BatchStream, RngStreams, open_logger, resolve_seed
+from longlive.training.runtime import BatchStream, RngStreams, export_generator, resolve_seed, run_training
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +331,6 @@ class DMDTrainer:
 
     def save(self) -> Path:
         from longlive.io.checkpoint import write_torch
-        from longlive.training.checkpoint import export_full_state
 
         step = self.step
 
@@ -342,12 +340,7 @@ class DMDTrainer:
                 if self.ctx.is_main:
                     write_torch(lora, folder / "lora.pt")
             else:
-                meta = {"step": str(step), "checkpoint_format": "longlive_generator"}
-                export_full_state(dict(self.nets.generator.model.state_dict()), folder / "generator.safetensors",
-                                  metadata=meta, dtype=torch.bfloat16)
-                if self.ema is not None:
-                    export_full_state(self.ema.state_dict(), folder / "generator_ema.safetensors",
-                                      metadata={**meta, "ema": "true"}, dtype=torch.bfloat16)
+                export_generator(folder, self.nets.generator.model, self.ema, step)
 
         per_rank = {"step": step, "seed": self.seed, "rng": self.rng.state_dict(), "common": self.common.get_state(),
                     "data": self.stream.state_dict()}
@@ -371,28 +364,13 @@ class DMDTrainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> DMDSummary:
-        cfg, ctx, t = self.cfg, self.ctx, self.cfg.training
-        if self.resume_path is not None:
-            self.resume(self.resume_path)
-        start = self.step
-        stop = t.max_iters if self.max_steps is None else min(t.max_iters, start + self.max_steps)
-        gen, crit, times, saved = {}, {}, [], []
-        if ctx.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(ctx.device)
-        with open_logger(cfg, self.logdir, ctx.rank, start) as logger:
-            while self.step < stop:
-                s = self.train_step()
-                if "generator_loss" in s:
-                    gen[self.step] = s["generator_loss"]
-                crit[self.step] = s["critic_loss"]
-                times.append(s["seconds_per_step"])
-                logger.log(self.step, s)
-                if self.step % t.gc_interval == 0:
-                    gc.collect()
-                if self.eval_enabled and cfg.evaluation.interval and self.step % cfg.evaluation.interval == 0:
-                    self.evaluate()
-                if self.save_enabled and (self.step % t.save_interval == 0 or self.step == t.max_iters):
-                    saved.append(str(self.save()))
-        peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None
-        steady = times[1:] or times
-        return DMDSummary(start, self.step, gen, crit, sum(steady) / max(len(steady), 1), peak, saved)
+        gen: dict[int, float] = {}
+        crit: dict[int, float] = {}
+
+        def record(step: int, scalars: dict[str, float]) -> None:
+            if "generator_loss" in scalars:
+                gen[step] = scalars["generator_loss"]
+            crit[step] = scalars["critic_loss"]
+
+        res = run_training(self, record)
+        return DMDSummary(res.start_step, self.step, gen, crit, res.seconds_per_step, res.peak_memory_gib, res.checkpoints)

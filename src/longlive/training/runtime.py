@@ -2,6 +2,7 @@
 position, sharded model construction, and the model-weight sources of a training config."""
 from __future__ import annotations
 
+import gc
 import logging
 import random
 from dataclasses import dataclass
@@ -76,6 +77,10 @@ class BatchStream:
                               f"batch size = {dp_size} x {batch_size}; add data or lower training.batch_size")
         self.epoch, self.position = 0, 0
         self._iter: Iterator | None = None
+        unused = len(dataset) - self.batches_per_epoch * batch_size * dp_size
+        if unused and dp_rank == 0:
+            log.info("%d of %d samples are left out of each epoch (a different %d each epoch): the rest fills whole "
+                     "batches of %d on %d data-parallel rank(s)", unused, len(dataset), unused, batch_size, dp_size)
 
     def _indices(self) -> list[int]:
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
@@ -197,3 +202,52 @@ def open_logger(cfg: Config, logdir: Path, rank: int, start_step: int):
         wandb = {"project": lg.wandb_project, "entity": lg.wandb_entity, "key": lg.wandb_key, "host": lg.wandb_host}
     return TrainLogger(logdir, rank=rank, total_steps=cfg.training.max_iters, start_step=start_step,
                        tensorboard=lg.tensorboard, wandb=wandb, log_interval=lg.log_interval, config_dict=cfg.to_dict())
+
+
+@dataclass
+class LoopResult:
+    start_step: int
+    seconds_per_step: float  # mean over the steps after the first (which includes compilation)
+    peak_memory_gib: float | None
+    checkpoints: list[str]
+
+
+def run_training(trainer: Any, record: Any) -> LoopResult:
+    """The loop both trainers share: resume, then step / log / gc / evaluate / save to `training.max_iters`
+    (or `trainer.max_steps` more steps). `record(step, scalars)` keeps what the trainer reports."""
+    cfg, ctx, t = trainer.cfg, trainer.ctx, trainer.cfg.training
+    if trainer.resume_path is not None:
+        trainer.resume(trainer.resume_path)
+    start = trainer.step
+    stop = t.max_iters if trainer.max_steps is None else min(t.max_iters, start + trainer.max_steps)
+    times: list[float] = []
+    saved: list[str] = []
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    with open_logger(cfg, trainer.logdir, ctx.rank, start) as logger:
+        while trainer.step < stop:
+            scalars = trainer.train_step()
+            record(trainer.step, scalars)
+            times.append(scalars["seconds_per_step"])
+            logger.log(trainer.step, scalars)
+            if trainer.step % t.gc_interval == 0:
+                gc.collect()
+            if trainer.eval_enabled and cfg.evaluation.interval and trainer.step % cfg.evaluation.interval == 0:
+                trainer.evaluate()
+            if trainer.save_enabled and (trainer.step % t.save_interval == 0 or trainer.step == t.max_iters):
+                saved.append(str(trainer.save()))
+    peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None
+    steady = times[1:] or times
+    return LoopResult(start, sum(steady) / max(len(steady), 1), peak, saved)
+
+
+def export_generator(folder: Path, model: torch.nn.Module, ema: Any, step: int) -> None:
+    """Write `generator.safetensors` (and `generator_ema.safetensors` with an EMA) in bf16 for inference
+    (collective: gathers the shards)."""
+    from longlive.training.checkpoint import export_full_state
+
+    meta = {"step": str(step), "checkpoint_format": "longlive_generator", "dtype": "bfloat16"}
+    export_full_state(dict(model.state_dict()), folder / "generator.safetensors", metadata=meta, dtype=torch.bfloat16)
+    if ema is not None:
+        export_full_state(ema.state_dict(), folder / "generator_ema.safetensors", metadata={**meta, "ema": "true"},
+                          dtype=torch.bfloat16)
