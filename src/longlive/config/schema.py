@@ -326,7 +326,10 @@ class Config:
     model_quant_activation_scale_rule: Optional[str] = _f(None, choices=(None,) + SCALE_RULES)
     model_quant_weight_scale_rule: Optional[str] = _f(None, choices=(None,) + SCALE_RULES)
     model_quant_gradient_scale_rule: Optional[str] = _f(None, choices=(None,) + SCALE_RULES)
-    model_quant_backend: Optional[str] = _f(None)
+    model_quant_backend: Optional[str] = _f(
+        None, choices=(None, "emulated", "weight_only", "transformer_engine", "fouroversix", "cuda", "triton", "pytorch"),
+        doc="None/cuda/triton/pytorch = emulated W4A4 (exact NVFP4 numerics; Triton kernels on CUDA); weight_only = "
+            "packed FP4 weights with BF16 activations")
     model_quant_filtered_modules: Optional[list[str]] = _f(None)
     model_quant_use_default_filtered_modules: bool = _f(True)
     torch_compile: Union[bool, str] = _f("auto", choices=(True, False, "auto"))

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..config.paths import check_generator_checkpoint, require_path, resolve_generator_weights
 from ..data.prompts import PromptSample
 from ..io.checkpoint import write_torch
 from ..models.wan import WanConfig, WanModel
 from ..models.wan.lora import apply_lora, load_lora_state_dict, merge_lora, read_lora_checkpoint
-from ..models.wan.state_dict import load_weights
+from ..models.wan.state_dict import is_nvfp4_state_dict, load_state_dict, load_weights
 from .chunked import ChunkedOptions, generate_latents
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,42 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def nvfp4_backend(cfg: Config) -> str:
+    """Our NVFP4 backend for a config (`model_quant_backend` also accepts the reference's kernel names)."""
+    if cfg.model_quant_use_transformer_engine:
+        return "transformer_engine"
+    name = cfg.model_quant_backend
+    return "emulated" if name in (None, "cuda", "triton", "pytorch") else name
+
+
+def _check_compact_rule(cfg: Config, path: Path, meta: dict[str, Any]) -> None:
+    """The scale rule fixes the dequantization denominators and is not in the buffers: a checkpoint that
+    records it must agree with the config, or every weight would be silently mis-scaled."""
+    import json
+
+    from ..quant.convert import inference_recipe
+    from ..quant.nvfp4 import rule_maxima
+
+    q = meta.get("quantization")
+    if isinstance(q, str):
+        q = json.loads(q)
+    saved = q.get("weight_scale_rule") if isinstance(q, dict) else None
+    wanted = inference_recipe(cfg).weight_rule
+    if saved is not None and rule_maxima(saved) != rule_maxima(wanted):
+        raise ConfigError(f"{cfg.source}: {path} was quantized with weight scale rule {saved!r}, but the config resolves "
+                          f"model_quant_weight_scale_rule to {wanted!r} (different dequantization scales). "
+                          f"Set model_quant_weight_scale_rule: {saved}")
+
+
 def build_generator(cfg: Config, device: torch.device, dtype: torch.dtype) -> WanModel:
     """The DiT of a config: weights from `checkpoints.generator_ckpt` (or explicit random weights),
-    then the LoRA of `checkpoints.lora_ckpt` (adapter section), merged when `merge_lora` is set."""
+    then the LoRA of `checkpoints.lora_ckpt` (adapter section), merged when `merge_lora` is set (always
+    before NVFP4 quantization), then `model_quant` (NVFP4) or `fp8_quant` conversion on `device`."""
+    from ..quant.convert import inference_filter, inference_recipe, prepare_compact_model, quantize_model
+
     wan_cfg = WanConfig.preset(cfg.model_preset)
     weights = resolve_generator_weights(cfg)
+    compact = False
     if weights is None:
         torch.manual_seed(cfg.logging.seed)
         model = WanModel(wan_cfg)
@@ -54,9 +85,20 @@ def build_generator(cfg: Config, device: torch.device, dtype: torch.dtype) -> Wa
     else:
         if weights.is_file():
             check_generator_checkpoint(cfg, weights)  # e.g. a merged export together with lora_ckpt
+        sd, meta = load_state_dict(weights, use_ema=cfg.inference.use_ema, allow_nvfp4=True)
+        compact = is_nvfp4_state_dict(sd)
         with torch.device("meta"):
             model = WanModel(wan_cfg)
-        meta = load_weights(model, weights, use_ema=cfg.inference.use_ema)
+        if compact:
+            if not cfg.model_quant:
+                raise ConfigError(f"{cfg.source}: checkpoints.generator_ckpt {weights} is a compact NVFP4 checkpoint; "
+                                  "set model_quant: true to load it")
+            if cfg.checkpoints.lora_ckpt:
+                raise ConfigError(f"{cfg.source}: a compact NVFP4 checkpoint ({weights}) cannot take a LoRA "
+                                  "(checkpoints.lora_ckpt); export it with the LoRA: `longlive export nvfp4 --lora-ckpt ...`")
+            _check_compact_rule(cfg, weights, meta)
+            prepare_compact_model(model, inference_recipe(cfg), inference_filter(cfg), nvfp4_backend(cfg))
+        load_weights(model, sd, allow_nvfp4=compact)
         log.info("generator: %s (%s)", weights, meta.get("checkpoint_format", "weights"))
     if cfg.checkpoints.lora_ckpt:
         if cfg.adapter is None:
@@ -65,12 +107,20 @@ def build_generator(cfg: Config, device: torch.device, dtype: torch.dtype) -> Wa
         apply_lora(model, cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.dropout)
         state, _ = read_lora_checkpoint(lora_path)
         load_lora_state_dict(model, state, source=str(lora_path))
-        if cfg.merge_lora:
+        if cfg.merge_lora or cfg.model_quant or cfg.fp8_quant:
             merge_lora(model)
-            log.info("LoRA %s merged into the generator", lora_path)
+            log.info("LoRA %s merged into the generator%s", lora_path,
+                     "" if cfg.merge_lora else " (quantization needs merged weights)")
         else:
             log.info("LoRA %s applied at run time", lora_path)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if cfg.model_quant and not compact:
+        quantize_model(model, inference_recipe(cfg), inference_filter(cfg), backend=nvfp4_backend(cfg), materialize=True)
+    if cfg.fp8_quant:
+        from ..quant.fp8 import convert_to_fp8
+
+        convert_to_fp8(model)
+    return model
 
 
 def build_text_encoder(cfg: Config, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtype):

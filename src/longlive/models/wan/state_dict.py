@@ -92,7 +92,8 @@ def is_nvfp4_state_dict(keys) -> bool:
     return any(k.endswith("quantized_weight_values") for k in keys)
 
 
-def unwrap_checkpoint(obj: Any, *, use_ema: bool = False, source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def unwrap_checkpoint(obj: Any, *, use_ema: bool = False, source: str = "checkpoint",
+                      allow_nvfp4: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Pick the generator state dict out of any LongLive/Wan checkpoint object (spec 1.4 rules).
 
     Returns (state dict with canonical Wan keys, metadata of the container).
@@ -100,6 +101,8 @@ def unwrap_checkpoint(obj: Any, *, use_ema: bool = False, source: str = "checkpo
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source}: expected a dict of tensors or a checkpoint dict, got {type(obj).__name__}")
     meta = {k: v for k, v in obj.items() if not isinstance(v, (Mapping, torch.Tensor))}
+    if isinstance(obj.get("quantization"), Mapping):  # NVFP4 export metadata (rules), not a state dict
+        meta["quantization"] = dict(obj["quantization"])
     fmt = meta.get("checkpoint_format")
     if fmt in REJECTED_FORMATS:
         raise CheckpointError(f"{source}: checkpoint_format {fmt!r} is not supported: {REJECTED_FORMATS[fmt]}")
@@ -124,10 +127,10 @@ def unwrap_checkpoint(obj: Any, *, use_ema: bool = False, source: str = "checkpo
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{source}: state dict entries that are not tensors: {bad[:8]}")
-    return normalize_keys(sd, source=source), meta
+    return normalize_keys(sd, source=source, allow_nvfp4=allow_nvfp4), meta
 
 
-def normalize_keys(sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def normalize_keys(sd: Mapping[str, torch.Tensor], source: str = "checkpoint", allow_nvfp4: bool = False) -> dict[str, torch.Tensor]:
     """Strip wrapper fragments and the `model.` prefix; convert diffusers keys to Wan keys."""
     out = {}
     for key, value in sd.items():
@@ -136,7 +139,7 @@ def normalize_keys(sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -
         out[key] = value
     if out and all(k.startswith("model.") for k in out):
         out = {k[len("model.") :]: v for k, v in out.items()}
-    if is_nvfp4_state_dict(out):
+    if is_nvfp4_state_dict(out) and not allow_nvfp4:
         raise CheckpointError(
             f"{source}: this is a compact NVFP4 checkpoint (quantized_weight_* buffers); it can only be loaded "
             "into a quantized model (model_quant), not into a BF16 DiT"
@@ -146,10 +149,12 @@ def normalize_keys(sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -
     return out
 
 
-def load_state_dict(path: str | os.PathLike, *, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read any supported DiT checkpoint file or folder into canonical Wan keys (+ its metadata)."""
+def load_state_dict(path: str | os.PathLike, *, use_ema: bool = False,
+                    allow_nvfp4: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read any supported DiT checkpoint file or folder into canonical Wan keys (+ its metadata).
+    `allow_nvfp4` accepts compact NVFP4 checkpoints (for a model converted by `prepare_compact_model`)."""
     obj, header_meta = read_checkpoint(path)
-    sd, meta = unwrap_checkpoint(obj, use_ema=use_ema, source=str(path))
+    sd, meta = unwrap_checkpoint(obj, use_ema=use_ema, source=str(path), allow_nvfp4=allow_nvfp4)
     meta = {**header_meta, **meta}
     return sd, meta
 
@@ -174,16 +179,17 @@ def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], sou
         raise CheckpointError(f"{source} does not fit this model: " + "; ".join(parts))
 
 
-def load_weights(model: torch.nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], *, use_ema: bool = False) -> dict[str, Any]:
+def load_weights(model: torch.nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], *, use_ema: bool = False,
+                 allow_nvfp4: bool = False) -> dict[str, Any]:
     """Strictly load DiT weights from a path or a state dict into `model`; returns checkpoint metadata."""
     if isinstance(source, Mapping):
-        sd, meta = unwrap_checkpoint(source, use_ema=use_ema, source="state dict")
+        sd, meta = unwrap_checkpoint(source, use_ema=use_ema, source="state dict", allow_nvfp4=allow_nvfp4)
         name = "state dict"
     else:
-        sd, meta = load_state_dict(source, use_ema=use_ema)
+        sd, meta = load_state_dict(source, use_ema=use_ema, allow_nvfp4=allow_nvfp4)
         name = str(source)
     check_state_dict(model, sd, name)
-    model.load_state_dict(sd, strict=True, assign=any(p.is_meta for p in model.parameters()))
+    model.load_state_dict(sd, strict=True, assign=any(t.is_meta for t in (*model.parameters(), *model.buffers())))
     return meta
 
 
