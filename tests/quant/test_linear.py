@@ -15,7 +15,7 @@ from longlive.io.checkpoint import write_torch
 from longlive.quant import nvfp4 as nv
 from longlive.quant.convert import compact_nbytes, prepare_compact_model, quantize_model, quantized_names
 from longlive.quant.filters import NVFP4_DEFAULT_FILTERED, ModuleFilter, nvfp4_filter
-from longlive.quant.linear import NVFP4Linear, NVFP4Recipe, backend_status
+from longlive.quant.linear import NVFP4Linear, NVFP4Recipe, backend_status, spec_dtypes
 
 ROOT = Path(__file__).resolve().parents[2]
 STATIC = NVFP4Recipe("static_6", "static_6", "static_6", stochastic_gradients=False)
@@ -103,7 +103,7 @@ def test_materialized_layer_state_dict_round_trip_and_dtype_safety():
     before = q(x)
     q.materialize()
     assert q.weight is None and torch.equal(q(x), before)
-    sd = q.state_dict()
+    sd = spec_dtypes(q.state_dict())
     assert {k: v.dtype for k, v in sd.items()} == {
         "bias": torch.float32, "quantized_weight_values": torch.uint8, "quantized_weight_scale_factors": torch.float8_e4m3fn,
         "quantized_weight_amax": torch.float32, "quantized_weight_metadata": torch.int32}
@@ -198,7 +198,8 @@ def test_compact_checkpoint_round_trip_through_save_generator(tmp_path):
     recipe = NVFP4Recipe("mse", "mse", "mse", weight_2d=False)
     model = WanModel(WanConfig.preset("tiny")).eval()
     quantize_model(model, recipe, nvfp4_filter(None), materialize=True)
-    path = save_generator(model, tmp_path / "m.safetensors", metadata={"checkpoint_format": NVFP4_FORMAT})
+    path = save_generator(spec_dtypes(model.state_dict()), tmp_path / "m.safetensors",
+                          metadata={"checkpoint_format": NVFP4_FORMAT})
     with pytest.raises(Exception, match="compact NVFP4"):
         load_state_dict(path)
     sd, meta = load_state_dict(path, allow_nvfp4=True)

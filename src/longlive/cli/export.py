@@ -60,6 +60,7 @@ def _nvfp4(args: argparse.Namespace) -> int:
     from ..models.wan.state_dict import NVFP4_FORMAT, TE_FORMAT, save_generator
     from ..pipelines.inference import build_generator
     from ..quant.convert import compact_nbytes, inference_filter, inference_recipe, quantize_model
+    from ..quant.linear import spec_dtypes
 
     overrides = ["model_quant=false", "fp8_quant=false", "merge_lora=true"]
     if args.generator_ckpt:
@@ -87,7 +88,7 @@ def _nvfp4(args: argparse.Namespace) -> int:
     else:
         meta.update(checkpoint_format=TE_FORMAT, dtype="bfloat16")
     meta = {k: v for k, v in meta.items() if v is not None}
-    path = save_generator(model, Path(args.output_path), metadata=meta)
+    path = save_generator(spec_dtypes(model.state_dict()), Path(args.output_path), metadata=meta)
     log.info("wrote %s (%s%s)", path, meta["checkpoint_format"], ", LoRA merged" if merged else "")
     return 0
 

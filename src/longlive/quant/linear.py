@@ -205,7 +205,7 @@ class NVFP4Linear(nn.Linear):
             values=torch.zeros(prow, pcol // 2, dtype=torch.uint8, device=device),
             scale_factors=torch.zeros(prow * pcol // 16, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn),
             amax=torch.zeros(1, dtype=torch.float32, device=device),
-            metadata=torch.tensor([self.out_features, self.in_features, prow, pcol], dtype=torch.int32),
+            metadata=torch.tensor([self.out_features, self.in_features, prow, pcol], dtype=torch.int32, device="cpu"),
             rule=self.recipe.weight_rule,
         )
         self._set_quantized(empty)
@@ -248,14 +248,10 @@ class NVFP4Linear(nn.Linear):
             return dequantize_2d(self.quantized_weight(transposed=True), dtype)
         return fake_quantize_2d(self.weight.detach().t().contiguous().to(dtype), self.recipe.weight_rule)
 
-    # ------------------------------------------------------------------ state dict in the spec-7.6 dtypes
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.materialized:
-            sf, amax = prefix + "quantized_weight_scale_factors", prefix + "quantized_weight_amax"
-            destination[sf] = destination[sf].view(torch.float8_e4m3fn)
-            destination[amax] = destination[amax].view(torch.float32)
-
+    # ------------------------------------------------------------------ state dict
+    # In memory (and in the state dict, so that gloo/NCCL broadcasts and DCP handle them) the scale
+    # factors and amax are kept as uint8 / int32 bit patterns; `spec_dtypes` gives the spec-7.6 dtypes
+    # for files, and loading accepts either.
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         if self.materialized:
             for name, dt in (("scale_factors", torch.uint8), ("amax", torch.int32)):
@@ -293,9 +289,20 @@ def _internal_buffers(q: nv.NVFP4Tensor) -> dict[str, torch.Tensor]:
             "amax": q.amax.view(torch.int32), "metadata": q.metadata.to(q.values.device)}
 
 
+def spec_dtypes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with the compact buffers in the file dtypes of spec 7.6 (e4m3 scales, fp32 amax); no copies."""
+    out = dict(state)
+    for k, v in state.items():
+        if k.endswith("quantized_weight_scale_factors") and v.dtype == torch.uint8:
+            out[k] = v.view(torch.float8_e4m3fn)
+        elif k.endswith("quantized_weight_amax") and v.dtype == torch.int32:
+            out[k] = v.view(torch.float32)
+    return out
+
+
 def is_quantized_key(key: str) -> bool:
     return any(key.endswith(f"quantized_weight_{n}") for n in QUANT_BUFFERS)
 
 
 __all__ = ["BACKENDS", "NVFP4Linear", "NVFP4Recipe", "backend_status", "dequantize_2d", "fake_quantize_2d",
-           "is_quantized_key", "quantize_2d"]
+           "is_quantized_key", "quantize_2d", "spec_dtypes"]

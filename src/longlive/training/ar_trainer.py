@@ -49,8 +49,8 @@ def check_training_config(cfg: Config) -> None:
         raise ConfigError(f"{cfg.source}: algorithm.trainer is {cfg.algorithm.trainer!r}; the AR trainer runs 'diffusion'")
     if not cfg.teacher_forcing:
         raise ConfigError(f"{cfg.source}: algorithm.teacher_forcing is false; stage-1 AR training is teacher forcing")
-    if cfg.model_quant:
-        raise ConfigError(f"{cfg.source}: model_quant (NVFP4 training) is not available in this build yet (issue 7)")
+    if cfg.fp8_quant:
+        raise ConfigError(f"{cfg.source}: fp8_quant is an inference option (FP8 PTQ); AR training quantizes with model_quant (NVFP4)")
     if cfg.infra.sp_layout == "plain" and cfg.training.error_recycling.enabled:
         raise ConfigError(f"{cfg.source}: training.error_recycling needs infra.sp_layout: balanced (the plain layout "
                           "splits a chunk's clean and noisy copies over different ranks)")

@@ -42,8 +42,9 @@ def check_dmd_config(cfg: Config) -> None:
     if not cfg.algorithm.backward_simulation:
         raise ConfigError(f"{cfg.source}: algorithm.backward_simulation: false (off-policy DMD) is not supported; "
                           "the shipped recipes use the on-policy rollout")
-    if cfg.infra.generator_quant or cfg.infra.real_score_quant or cfg.infra.fake_score_quant:
-        raise ConfigError(f"{cfg.source}: NVFP4 DMD (infra.*_quant) is not available in this build yet (issue 7)")
+    if cfg.fp8_quant or cfg.model_quant:
+        raise ConfigError(f"{cfg.source}: DMD quantizes its networks with infra.generator_quant / real_score_quant / "
+                          "fake_score_quant; fp8_quant and model_quant are inference options here")
     if cfg.i2v:
         raise ConfigError(f"{cfg.source}: I2V DMD needs conditioning frames from a video dataset; not available yet")
     t = cfg.training

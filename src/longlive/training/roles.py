@@ -6,6 +6,10 @@ share ONE WanModel: with LoRA the generator and the critic are two PEFT adapters
 the teacher is the model with adapters off, so distillation holds one frozen 5B base instead of
 three (spec 6.1/6.2; the reference builds three). Full fine-tuning (no `adapter` section) gives the
 trainable roles their own models.
+
+NVFP4 (`infra.<role>_quant`, spec 7.4): a role's quantization recipe and filter are part of its base
+key, so only roles quantized alike share a model. A frozen quantized base (LoRA roles, the teacher)
+is materialised: FP4 buffers instead of master weights; a trained one keeps fp32 masters.
 """
 from __future__ import annotations
 
@@ -115,18 +119,21 @@ def build_networks(cfg: Config, ctx: ParallelContext, seed: int, *, share_base: 
                   "fake_score": "critic" if apply_to_critic else None}
     trainable = {"generator": True, "real_score": False, "fake_score": True}
     groups: dict[str, list[str]] = {}
+    quant_of: dict[str, tuple | None] = {}
     for role in ROLES:
         src = weight_source(cfg, role)
-        # a role trained in full owns its model; frozen / adapter roles share one per source
-        key = src if (share_base and (adapter_of[role] or not trainable[role])) else f"{src}#{role}"
+        quant_of[role] = _role_quant(cfg, role)
+        base = f"{src}|{quant_of[role]!r}"
+        # a role trained in full owns its model; frozen / adapter roles share one per source and quantization
+        key = base if (share_base and (adapter_of[role] or not trainable[role])) else f"{base}#{role}"
         groups.setdefault(key, []).append(role)
     roles: dict[str, Role] = {}
     models: list[WanModel] = []
     for key, members in groups.items():
-        src = key.split("#")[0]
+        src = weight_source(cfg, members[0])
         adapters = [adapter_of[r] for r in members if adapter_of[r]]
         frozen_base = all(adapter_of[r] or not trainable[r] for r in members)
-        model = _build_model(cfg, ctx, wan_cfg, src, seed, adapters, frozen_base, lora_init or {})
+        model = _build_model(cfg, ctx, wan_cfg, src, seed, adapters, frozen_base, lora_init or {}, quant_of[members[0]])
         models.append(model)
         for r in members:
             roles[r] = Role(r, model, adapter_of[r], trainable[r])
@@ -135,9 +142,30 @@ def build_networks(cfg: Config, ctx: ParallelContext, seed: int, *, share_base: 
     return DMDNetworks(roles["generator"], roles["real_score"], roles["fake_score"], models)
 
 
+def _role_quant(cfg: Config, role: str) -> tuple | None:
+    """(recipe, filter) of a role's NVFP4 training quantization, or None."""
+    if not getattr(cfg.infra, f"{role}_quant"):
+        return None
+    from longlive.quant.convert import training_filter, training_recipe
+
+    return training_recipe(cfg, role), training_filter(cfg, role)
+
+
 def _build_model(cfg: Config, ctx: ParallelContext, wan_cfg: WanConfig, source: str, seed: int, adapters: list[str],
-                 frozen_base: bool, lora_init: dict[str, dict[str, torch.Tensor]]) -> WanModel:
+                 frozen_base: bool, lora_init: dict[str, dict[str, torch.Tensor]], quant: tuple | None = None) -> WanModel:
+    from longlive.quant.convert import prepare_compact_model, quantize_model
+    from longlive.quant.linear import is_quantized_key
+
     lora = cfg.adapter
+    materialize = quant is not None and frozen_base
+
+    def quantize(model: WanModel, empty: bool) -> None:
+        if quant is None:
+            return
+        if materialize and empty:
+            prepare_compact_model(model, *quant)
+        else:
+            quantize_model(model, *quant, materialize=materialize, transposed=bool(adapters))
 
     def prepare(model: WanModel) -> WanModel:
         for name in adapters:  # each adapter's A init depends only on (seed, adapter), shared base or not
@@ -148,7 +176,9 @@ def _build_model(cfg: Config, ctx: ParallelContext, wan_cfg: WanConfig, source: 
         return model
 
     with torch.device("meta"):
-        model = prepare(WanModel(wan_cfg))
+        model = WanModel(wan_cfg)
+        quantize(model, empty=True)
+        model = prepare(model)
     shard_model(model, ctx, mixed_precision=cfg.infra.mixed_precision,
                 gradient_checkpointing=cfg.infra.gradient_checkpointing, compile_blocks=cfg.infra.compile_blocks)
     model.to_empty(device=ctx.device)
@@ -158,8 +188,9 @@ def _build_model(cfg: Config, ctx: ParallelContext, wan_cfg: WanConfig, source: 
         with torch.device("meta"):
             ref = WanModel(wan_cfg)
         ref.load_state_dict(base, strict=True, assign=True)
+        quantize(ref, empty=False)  # from the loaded (fp32 / bf16) base, before LoRA, as the reference does
         ref = prepare(ref)  # LoRA A random, B zero: the adapters start as the identity
-        full = {k: v.float() for k, v in ref.state_dict().items()}
+        full = {k: v if is_quantized_key(k) else v.float() for k, v in ref.state_dict().items()}
         for name in adapters:
             if name in lora_init:
                 _apply_lora_init(full, name, lora_init[name])

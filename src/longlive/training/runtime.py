@@ -143,6 +143,10 @@ def build_sharded_model(cfg: Config, ctx: ParallelContext, seed: int, *, weights
     wan_cfg = WanConfig.preset(cfg.model_preset)
     with torch.device("meta"):
         model = WanModel(wan_cfg)
+    if cfg.model_quant:  # NVFP4 training (spec 7.4): fp32 masters stay in the parameters, same state-dict keys
+        from longlive.quant.convert import quantize_model, training_filter, training_recipe
+
+        quantize_model(model, training_recipe(cfg), training_filter(cfg))
     shard_model(model, ctx, mixed_precision=cfg.infra.mixed_precision,
                 gradient_checkpointing=cfg.infra.gradient_checkpointing, compile_blocks=cfg.infra.compile_blocks)
     model.to_empty(device=ctx.device)
