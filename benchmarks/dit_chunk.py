@@ -6,6 +6,9 @@ FPS = 4 * chunk_frames output frames / median chunk time (CUDA events, warm-up e
 
     python benchmarks/dit_chunk.py --steps 4 [--steps 2] [--profile]
     python benchmarks/dit_chunk.py --preset tiny --device cpu --height 8 --width 8   # smoke test
+    python benchmarks/dit_chunk.py --quant fp8 --compile      # FP8 W8A8 block linears (spec 3.7)
+    python benchmarks/dit_chunk.py --quant nvfp4-weight-only  # packed FP4 weights, BF16 activations
+    python benchmarks/dit_chunk.py --kv fp4                   # NVFP4 KV cache + fused attention
 """
 from __future__ import annotations
 
@@ -22,13 +25,26 @@ from longlive.diffusion.samplers import FlowUniPCSampler
 from longlive.models.wan import KVCache, WanConfig, WanModel
 
 
-def build(preset: str, device: str, dtype: torch.dtype) -> WanModel:
+def build(preset: str, device: str, dtype: torch.dtype, quant: str = "none") -> WanModel:
     cfg = WanConfig.preset(preset)
     with torch.device("meta"):
         model = WanModel(cfg)
     model.to_empty(device=device)
     model.init_weights(torch.Generator(device=device).manual_seed(0))
-    return model.to(dtype).eval().requires_grad_(False)
+    model = model.to(dtype).eval().requires_grad_(False)
+    if quant == "fp8":
+        from longlive.quant.fp8 import convert_to_fp8
+
+        convert_to_fp8(model)
+    elif quant.startswith("nvfp4"):
+        from longlive.quant.convert import quantize_model
+        from longlive.quant.filters import nvfp4_filter
+        from longlive.quant.linear import NVFP4Recipe
+
+        backend = "weight_only" if quant == "nvfp4-weight-only" else "emulated"
+        quantize_model(model, NVFP4Recipe.from_rules("mse", weight_2d=False), nvfp4_filter(None), backend=backend,
+                       materialize=True)
+    return model
 
 
 def run_chunk(model, cache, k, steps, ctx, noise, sync_timer=None):
@@ -48,15 +64,14 @@ def run_chunk(model, cache, k, steps, ctx, noise, sync_timer=None):
 def bench(args, steps: int) -> dict:
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    model = build(args.preset, args.device, dtype)
+    model = build(args.preset, args.device, dtype, args.quant)
     if args.compile:  # per-block torch.compile; the KV-cache write stays eager
         model.compile_blocks(args.compile_mode)
     cfg = model.config
     cache = KVCache.for_model(cfg, batch_size=1, latent_height=args.height, latent_width=args.width, chunk_frames=8,
                               window_frames=args.window, sink_frames=args.sink, multi_shot_sink=True,
-                              rope_offset_per_shot=8, dtype=dtype, device=dev)
-    cache.k.normal_()
-    cache.v.normal_()
+                              rope_offset_per_shot=8, dtype=dtype, device=dev, kv_quant=args.kv == "fp4")
+    cache.fill_random_()
     ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=dev, dtype=dtype)
     noise = torch.randn(1, cfg.in_dim, 8, args.height, args.width, device=dev, dtype=dtype)
     # fill the window without computing (contents are random), so the next chunks are steady state
@@ -84,7 +99,7 @@ def bench(args, steps: int) -> dict:
     med = statistics.median(times)
     out = {
         "preset": args.preset, "steps": steps, "dtype": args.dtype, "latent": [args.height, args.width],
-        "compile": bool(args.compile), "compile_mode": args.compile_mode,
+        "compile": bool(args.compile), "compile_mode": args.compile_mode, "quant": args.quant, "kv": args.kv,
         "tokens_per_chunk": cache.chunk_tokens, "window_tokens": cache.num_slots * cache.chunk_tokens,
         "chunk_s_median": med, "chunk_s_all": times, "forward_ms": med / (steps + 1) * 1e3,
         "fps": 4 * 8 / med, "kv_cache_gib": cache.nbytes / 2**30,
@@ -122,6 +137,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed chunks (include compilation)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--quant", default="none", choices=("none", "fp8", "nvfp4-weight-only", "nvfp4-emulated"))
+    p.add_argument("--kv", default="bf16", choices=("bf16", "fp4"))
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
     args = p.parse_args()
@@ -137,7 +154,7 @@ def main() -> None:
             pass
     results = {"env": env, "runs": [bench(args, s) for s in (args.steps or [4])]}
     for r in results["runs"]:
-        print(f"{r['preset']} {r['steps']}-step {r['dtype']}: chunk {r['chunk_s_median']*1e3:.1f} ms, "
+        print(f"{r['preset']} {r['steps']}-step {r['dtype']} quant={r['quant']} kv={r['kv']}: chunk {r['chunk_s_median']*1e3:.1f} ms, "
               f"{r['forward_ms']:.1f} ms/forward, {r['fps']:.2f} FPS, peak {r.get('peak_gib', float('nan')):.1f} GiB")
     print(json.dumps(results))
     if os.environ.get("OUT"):

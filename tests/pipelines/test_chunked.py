@@ -74,3 +74,26 @@ def test_cfg_and_image_to_video(model):
     assert torch.equal(i2v[:, :, :1], image)
     with pytest.raises(ValueError, match="multiple of chunk_frames"):
         generate_latents(model, _noise(f=12), _prompts(chunks=1))
+
+
+@torch.no_grad()
+def test_fp4_kv_cache_generation_tracks_the_full_precision_cache(model):
+    """NVFP4 KV cache (spec 7.7): same cache rules (rolling window, sinks, pins, cuts, batch with different
+    cuts), chunk 0 exact (it attends only to itself, unquantized), later chunks close to the BF16 cache."""
+    cuts = [[False, False, True, False, False, False], [False, False, False, False, True, False]]
+    noise, prompts = _noise(b=2, f=48), _prompts(b=2, chunks=6)
+    common = dict(sampling_steps=2, local_attn_size=32, sink_size=8, multi_shot_sink=True, multi_shot_rope_offset=8)
+    traces = {}
+    outs = {}
+    for name, extra in (("bf16", {}), ("fp4", dict(kv_quant=True)), ("fp4_plain", dict(kv_quant=True,
+                                                                                         kv_quant_key_smoothing="none"))):
+        traces[name] = []
+        outs[name] = generate_latents(model, noise, prompts, options=ChunkedOptions(**common, **extra), scene_cuts=cuts,
+                                      trace=traces[name])
+    assert traces["fp4"] == traces["bf16"]
+    assert traces["fp4"][5].attended == [[0, 2, 4, 5], [0, 3, 4, 5]]  # each sample's own pin and window
+    ref, q = outs["bf16"], outs["fp4"]
+    torch.testing.assert_close(q[:, :, :8], ref[:, :, :8], rtol=1e-5, atol=1e-5)
+    err = float((q - ref).norm() / ref.norm())
+    assert 0 < err < 0.01, err  # measured 0.0013 on the random tiny model (fp32)
+    assert not torch.equal(outs["fp4_plain"], q)  # the key smoothing is in effect

@@ -113,7 +113,11 @@ class InferenceConfig:
     narrative_rope_phase_shift: Optional[int] = _f(None, doc="accepted for compatibility; never used")
     kv_quant: bool = _f(False)
     kv_quant_scale_rule: str = _f("mse", choices=SCALE_RULES)
-    kv_quant_backend: str = _f("cuda", choices=("cuda", "triton", "pytorch"))
+    kv_quant_backend: str = _f("cuda", choices=("cuda", "triton", "pytorch"),
+                               doc="cuda/triton = fused Triton kernels on CUDA; pytorch = dequantize + SDPA (any device)")
+    kv_quant_key_smoothing: str = _f("channel_mean", choices=("channel_mean", "token_mean", "none"),
+                                     doc="channel_mean: softmax-invariant (mean re-added); token_mean: the reference's "
+                                         "per-token shift (changes attention; compatibility only)")
     streaming_vae: bool = _f(False)
     async_vae: bool = _f(False)
     vae_type: str = _f("wan", choices=("wan", "mg_lightvae", "mg_lightvae_v2", "tiny"))

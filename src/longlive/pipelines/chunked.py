@@ -31,6 +31,10 @@ class ChunkedOptions:
     t_scale: float = 1.0
     timestep_shift: float = 5.0
     sampler: str = "unipc"
+    kv_quant: bool = False  # NVFP4 KV cache (spec 7.7)
+    kv_quant_scale_rule: str = "mse"
+    kv_quant_key_smoothing: str = "channel_mean"
+    kv_quant_backend: str = "auto"  # auto: Triton on CUDA, torch elsewhere
 
 
 ChunkCallback = Callable[[int, torch.Tensor], None]
@@ -90,7 +94,9 @@ def generate_latents(
     cache_kw = dict(batch_size=b, latent_height=h, latent_width=w, chunk_frames=n, window_frames=options.local_attn_size,
                     sink_frames=options.sink_size, multi_shot_sink=options.multi_shot_sink,
                     rope_offset_per_shot=options.multi_shot_rope_offset, t_scale=options.t_scale,
-                    shot_clean_recache=options.shot_clean_recache, max_frames=f, dtype=noise.dtype, device=noise.device)
+                    shot_clean_recache=options.shot_clean_recache, max_frames=f, dtype=noise.dtype, device=noise.device,
+                    kv_quant=options.kv_quant, kv_quant_rule=options.kv_quant_scale_rule,
+                    key_smoothing=options.kv_quant_key_smoothing, kv_quant_backend=options.kv_quant_backend)
     caches = [KVCache.for_model(model.config, **cache_kw)]
     if use_cfg:
         caches.append(KVCache.for_model(model.config, **cache_kw))

@@ -557,9 +557,11 @@ class FP4KVStore:
         if not isinstance(num_valid, int) or not 0 <= num_valid <= self.num_slots:
             raise ValueError(f"FP4KVStore.attention: num_valid must be an int in [0, {self.num_slots}], got {num_valid!r}")
         cur = self._check_slots("current_slots", current_slots)
-        self._check_tensor("q", q, (B, None, H, D), (torch.bfloat16,))
-        self._check_tensor("k_cur", k_cur, (B, H, None, D), (torch.bfloat16,))
-        self._check_tensor("v_cur", v_cur, (B, H, k_cur.shape[2], D), (torch.bfloat16,))
+        # the fused kernel computes in bf16; the torch reference path also takes fp32 (CPU models)
+        dtypes = (torch.bfloat16,) if self.backend == "triton" else (torch.bfloat16, torch.float32)
+        self._check_tensor("q", q, (B, None, H, D), dtypes)
+        self._check_tensor("k_cur", k_cur, (B, H, None, D), dtypes)
+        self._check_tensor("v_cur", v_cur, (B, H, k_cur.shape[2], D), dtypes)
         if q.shape[1] == 0 or k_cur.shape[2] == 0:
             raise ValueError(f"FP4KVStore.attention: q has {q.shape[1]} queries and k_cur {k_cur.shape[2]} tokens; both must be > 0")
         if self.backend == "torch":

@@ -18,6 +18,10 @@ Semantics (reference spec 2.3-2.6), per sample, in chunk units:
 - `shot_clean_recache`: at a cut, before the refresh, everything but the global sink is dropped,
   so the new shot only sees the global sink.
 Bookkeeping is plain Python integers (no device synchronisation in the chunk loop).
+
+`kv_quant=True` stores the slots in NVFP4 (`longlive.quant.fp4_kv.FP4KVStore`, about 3.56x smaller):
+a chunk is quantized once, when the refresh writes its clean K/V; the denoising steps attend to the
+FP4 slots plus the current chunk's own K/V in full precision, through one fused kernel on CUDA.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from .attention import sdpa
 from .config import WanConfig
 from .rope import rope_cos_sin
 
@@ -61,6 +66,10 @@ class KVCache:
         max_frames: int | None = None,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        kv_quant: bool = False,
+        kv_quant_rule: str = "mse",
+        key_smoothing: str = "channel_mean",
+        kv_quant_backend: str = "auto",
     ) -> None:
         if chunk_frames <= 0 or tokens_per_frame <= 0:
             raise ValueError(f"KVCache: chunk_frames ({chunk_frames}) and tokens_per_frame ({tokens_per_frame}) must be positive")
@@ -90,9 +99,18 @@ class KVCache:
         self.rope_offset_per_shot = float(rope_offset_per_shot)
         self.t_scale = float(t_scale)
         self.shot_clean_recache = bool(shot_clean_recache)
-        shape = (num_layers, batch_size, num_heads, self.num_slots * self.chunk_tokens, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.fp4 = None
+        if kv_quant:
+            from longlive.quant.fp4_kv import FP4KVStore
+
+            self.fp4 = FP4KVStore(num_layers, batch_size, num_heads, head_dim, self.num_slots, self.chunk_tokens,
+                                  rule=kv_quant_rule, key_smoothing=key_smoothing, device=device, backend=kv_quant_backend)
+            self.k = self.v = None
+        else:
+            shape = (num_layers, batch_size, num_heads, self.num_slots * self.chunk_tokens, head_dim)
+            self.k = torch.empty(shape, dtype=dtype, device=device)
+            self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.device = torch.device(device)
         self.reset()
 
     @classmethod
@@ -125,10 +143,25 @@ class KVCache:
         self.next_frame = 0
         self._positions: torch.Tensor | None = None
         self._rope: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
+        self._refreshing = False
 
     @property
     def nbytes(self) -> int:
+        if self.fp4 is not None:
+            return self.fp4.nbytes
         return self.k.numel() * self.k.element_size() * 2
+
+    def fill_random_(self, generator: torch.Generator | None = None) -> None:
+        """Random contents in every slot (benchmarks: a full window without computing it)."""
+        if self.fp4 is None:
+            self.k.normal_(generator=generator)
+            self.v.normal_(generator=generator)
+            return
+        shape = (self.batch_size, self.num_heads, self.chunk_tokens, self.head_dim)
+        for layer in range(self.num_layers):
+            for slot in range(self.num_slots):
+                k, v = (torch.randn(shape, generator=generator, device=self.device).to(torch.bfloat16) for _ in range(2))
+                self.fp4.write(layer, [slot] * self.batch_size, k, v)
 
     def begin_chunk(self, start_frame: int, scene_cut: bool | Sequence[bool] = False) -> None:
         """Make room for the chunk starting at latent frame `start_frame` (chunks must come in order)."""
@@ -159,6 +192,7 @@ class KVCache:
         self.next_frame = start_frame + self.chunk_frames
         self._positions = None
         self._rope = None
+        self._refreshing = False
 
     def _protected_prefix(self, s: _SampleState) -> int:
         if s.pin is not None:
@@ -166,7 +200,9 @@ class KVCache:
         return max(self.global_slots, self.sink_slots)
 
     def prepare_refresh(self) -> None:
-        """Call between the last denoising step and the refresh: applies `shot_clean_recache` at cuts."""
+        """Call between the last denoising step and the refresh: applies `shot_clean_recache` at cuts.
+        The refresh's K/V are the ones an FP4 cache stores."""
+        self._refreshing = True
         if not self.shot_clean_recache or not any(s.current_cut for s in self.samples):
             return
         if not all(s.current_cut for s in self.samples):
@@ -183,6 +219,7 @@ class KVCache:
 
     def end_chunk(self) -> None:
         """Call after the refresh: pins the chunk where a scene cut happened (multi-shot sink)."""
+        self._refreshing = False
         if self.pins_enabled:
             for s in self.samples:
                 if s.current_cut:
@@ -198,7 +235,7 @@ class KVCache:
                 [(self.start_frame + i + s.shot_index * self.rope_offset_per_shot) * self.t_scale for i in range(self.chunk_frames)]
                 for s in self.samples
             ]
-            self._positions = torch.tensor(rows, dtype=torch.float64, device=device or self.k.device)
+            self._positions = torch.tensor(rows, dtype=torch.float64, device=device or self.device)
         return self._positions
 
     def rope_tables(self, config: WanConfig, height: int, width: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,6 +244,24 @@ class KVCache:
             cos, sin = rope_cos_sin(config, self.frame_positions(device), height, width)
             self._rope = ((height, width), cos, sin)
         return self._rope[1], self._rope[2]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Self-attention of the current chunk `q/k/v [B, chunk_tokens, H, D]` over the window (writing the
+        chunk's K/V into its slot); returns `[B, chunk_tokens, H, D]`."""
+        if self.fp4 is None:
+            kc, vc = self.update(layer, k, v)
+            return sdpa(q, kc, vc, kv_heads_first=True)
+        return self._attend_fp4(layer, q, k, v)
+
+    @torch.compiler.disable  # slot bookkeeping and Triton launches: one opaque step in a compiled block
+    def _attend_fp4(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if k.shape[1] != self.chunk_tokens:
+            raise ValueError(f"KVCache.attend: got {k.shape[1]} tokens, the cache holds chunks of {self.chunk_tokens}")
+        slots = [s.current_slot for s in self.samples]
+        kc, vc = k.transpose(1, 2), v.transpose(1, 2)
+        if self._refreshing:
+            self.fp4.write(layer, slots, kc, vc)
+        return self.fp4.attention(layer, q, kc.contiguous(), vc.contiguous(), self.num_valid, slots)
 
     @torch.compiler.disable  # host-side slot bookkeeping: a compiled block calls it as one opaque step
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,6 +289,8 @@ class KVCache:
         window out of place and nothing is written, and the slot layout is frozen now, so activation
         checkpointing recomputes the same window after the rollout has moved on. The chunk's own K/V are
         written later by the (no-grad) refresh."""
+        if self.fp4 is not None:
+            raise ValueError("KVCache: forwards with gradient need a full-precision cache (kv_quant is for inference)")
         return GradWindow(self.k, self.v, [s.current_slot for s in self.samples], self.num_valid * self.chunk_tokens,
                           self.chunk_tokens)
 
@@ -256,6 +313,10 @@ class GradWindow:
 
     def __init__(self, k, v, slots: list[int], valid_tokens: int, chunk_tokens: int) -> None:
         self.k, self.v, self.slots, self.n, self.ct = k, v, slots, valid_tokens, chunk_tokens
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kc, vc = self.update(layer, k, v)
+        return sdpa(q, kc, vc, kv_heads_first=True)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outs = []

@@ -98,8 +98,7 @@ class SelfAttention(_Projections):
         v = self.v(x).view(b, s, self.num_heads, -1)
         q, k = apply_rope(q, plan.cos, plan.sin), apply_rope(k, plan.cos, plan.sin)
         if plan.cache is not None:
-            k, v = plan.cache.update(layer, k, v)
-            out = sdpa(q, k, v, kv_heads_first=True)
+            out = plan.cache.attend(layer, q, k, v)
         elif plan.attend is not None:
             out = plan.attend(q, k, v)
         elif plan.mask is None:
