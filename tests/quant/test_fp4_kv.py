@@ -265,8 +265,8 @@ def test_write_and_attention_argument_errors() -> None:
         store.write(0, [0, 1], k[:, :, :23], k)
     with pytest.raises(ValueError, match="v has dtype torch.float16"):
         store.write(0, [0, 1], k, k.half())
-    with pytest.raises(ValueError, match="q has dtype torch.float32"):
-        store.attention(0, q.float(), k, k, 2, [0, 1])
+    with pytest.raises(ValueError, match="q has dtype torch.float16"):
+        store.attention(0, q.half(), k, k, 2, [0, 1])
     with pytest.raises(ValueError, match=r"q has shape \(2, 24, 3, 32\)"):
         store.attention(0, torch.randn(2, 24, 3, 32, dtype=torch.bfloat16), k, k, 2, [0, 1])
     with pytest.raises(ValueError, match=r"v_cur has shape"):
