@@ -151,6 +151,18 @@ def test_cpu_attention_equals_the_explicit_reference(smoothing: str) -> None:
         torch.testing.assert_close(out.float(), ref, rtol=2.0**-8, atol=1e-5)
 
 
+@pytest.mark.parametrize("smoothing", ["channel_mean", "token_mean", "none"])
+def test_dequantize_then_sdpa_route_equals_the_attention(smoothing: str) -> None:
+    store = FP4KVStore(**SMALL, rule="mse", key_smoothing=smoothing)
+    g = torch.Generator().manual_seed(3)
+    _fill(store, 0, g, offset=2 * torch.randn(32, generator=g))
+    q = torch.randn(2, 24, 2, 32, generator=g)
+    kc, vc = _chunk(g, 2, 2, 24, 32, dtype=torch.float32), _chunk(g, 2, 2, 24, 32, dtype=torch.float32)
+    for num_valid, cur in ((3, [1, 2]), (3, [0, 0]), (1, [0, 0])):
+        torch.testing.assert_close(store.attention_dequantized(0, q, kc, vc, num_valid, cur),
+                                   store.attention(0, q, kc, vc, num_valid, cur), rtol=1e-5, atol=1e-5)
+
+
 def test_attention_skips_the_current_slot_whatever_it_holds() -> None:
     store = FP4KVStore(**SMALL)
     g = torch.Generator().manual_seed(3)
@@ -395,6 +407,8 @@ def test_cuda_store_matches_the_reference(smoothing: str) -> None:
     c = tri.attention(1, q, kc, vc, 3, [2, 0]).float()
     assert float((a - c).norm() / a.norm()) < 5e-3
     assert float((a - c).abs().max() / a.abs().max()) < KERNEL_MAX_ABS_ULPS
+    d = tri.attention_dequantized(1, q, kc, vc, 3, [2, 0]).float()  # the dequantize + cuDNN route
+    assert float((a - d).norm() / a.norm()) < 5e-3
 
 
 if __name__ == "__main__":

@@ -114,7 +114,8 @@ class InferenceConfig:
     kv_quant: bool = _f(False)
     kv_quant_scale_rule: str = _f("mse", choices=SCALE_RULES)
     kv_quant_backend: str = _f("cuda", choices=("cuda", "triton", "pytorch"),
-                               doc="cuda/triton = fused Triton kernels on CUDA; pytorch = dequantize + SDPA (any device)")
+                               doc="cuda = Triton writes + dequantize-then-cuDNN (fastest); triton = fused FP4 attention "
+                                   "kernel (no BF16 window copy); pytorch = reference path (any device)")
     kv_quant_key_smoothing: str = _f("channel_mean", choices=("channel_mean", "token_mean", "none"),
                                      doc="channel_mean: softmax-invariant (mean re-added); token_mean: the reference's "
                                          "per-token shift (changes attention; compatibility only)")

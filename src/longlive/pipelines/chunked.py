@@ -34,7 +34,7 @@ class ChunkedOptions:
     kv_quant: bool = False  # NVFP4 KV cache (spec 7.7)
     kv_quant_scale_rule: str = "mse"
     kv_quant_key_smoothing: str = "channel_mean"
-    kv_quant_backend: str = "auto"  # auto: Triton on CUDA, torch elsewhere
+    kv_quant_backend: str = "cuda"  # cuda: dequantize + cuDNN; triton: fused FP4 attention; pytorch: reference
 
 
 ChunkCallback = Callable[[int, torch.Tensor], None]

@@ -568,6 +568,30 @@ class FP4KVStore:
             return self._attention_torch(layer, q, k_cur, v_cur, num_valid, cur)
         return self._attention_triton(layer, q, k_cur, v_cur, num_valid, cur)
 
+    def attention_dequantized(self, layer: int, q: torch.Tensor, k_cur: torch.Tensor, v_cur: torch.Tensor,
+                              num_valid: int, current_slots: Sequence[int]) -> torch.Tensor:
+        """Same result as `attention` by another route: dequantize the window to q's dtype (one layer's
+        transient copy, 260 MB at the 5B shapes), put the current chunk in its slot, then SDPA (cuDNN on
+        CUDA). Faster than the fused kernel on an H200 (docs/benchmarks.md); the fused one needs no copy."""
+        from longlive.models.wan.attention import sdpa
+
+        cur = self._check_slots("current_slots", current_slots)
+        T = self.chunk_tokens
+        if k_cur.shape[2] != T:
+            raise ValueError(f"FP4KVStore.attention_dequantized: the current chunk has {k_cur.shape[2]} tokens, slots hold {T}")
+        n = max(num_valid, max(cur) + 1)
+        k, v = self.dequantize(layer, n, dtype=q.dtype)
+        if self.key_smoothing == "token_mean":
+            k_cur = k_cur.float() - smoothing_mean(k_cur, "token_mean")
+        if all(c == cur[0] for c in cur):
+            k[:, :, cur[0] * T:(cur[0] + 1) * T] = k_cur
+            v[:, :, cur[0] * T:(cur[0] + 1) * T] = v_cur
+        else:
+            for b, c in enumerate(cur):
+                k[b, :, c * T:(c + 1) * T] = k_cur[b]
+                v[b, :, c * T:(c + 1) * T] = v_cur[b]
+        return sdpa(q, k, v, kv_heads_first=True)
+
     def _attention_torch(self, layer: int, q: torch.Tensor, k_cur: torch.Tensor, v_cur: torch.Tensor,
                          num_valid: int, cur: list[int]) -> torch.Tensor:
         """Reference: dequantize the attended slots to float32 and call SDPA in float32, per sample."""

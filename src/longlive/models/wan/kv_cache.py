@@ -69,7 +69,7 @@ class KVCache:
         kv_quant: bool = False,
         kv_quant_rule: str = "mse",
         key_smoothing: str = "channel_mean",
-        kv_quant_backend: str = "auto",
+        kv_quant_backend: str = "cuda",
     ) -> None:
         if chunk_frames <= 0 or tokens_per_frame <= 0:
             raise ValueError(f"KVCache: chunk_frames ({chunk_frames}) and tokens_per_frame ({tokens_per_frame}) must be positive")
@@ -103,8 +103,14 @@ class KVCache:
         if kv_quant:
             from longlive.quant.fp4_kv import FP4KVStore
 
+            if kv_quant_backend not in ("cuda", "triton", "pytorch"):
+                raise ValueError(f"KVCache: kv_quant_backend must be cuda, triton or pytorch, got {kv_quant_backend!r}")
+            # cuda: Triton writes + dequantize-then-cuDNN attention (fastest measured); triton: the fused
+            # FP4 attention kernel (no BF16 copy of the window); pytorch: the reference path on any device
             self.fp4 = FP4KVStore(num_layers, batch_size, num_heads, head_dim, self.num_slots, self.chunk_tokens,
-                                  rule=kv_quant_rule, key_smoothing=key_smoothing, device=device, backend=kv_quant_backend)
+                                  rule=kv_quant_rule, key_smoothing=key_smoothing, device=device,
+                                  backend="torch" if kv_quant_backend == "pytorch" else "auto")
+            self._fp4_dequantize = kv_quant_backend == "cuda" and self.fp4.backend == "triton"
             self.k = self.v = None
         else:
             shape = (num_layers, batch_size, num_heads, self.num_slots * self.chunk_tokens, head_dim)
@@ -261,7 +267,8 @@ class KVCache:
         kc, vc = k.transpose(1, 2), v.transpose(1, 2)
         if self._refreshing:
             self.fp4.write(layer, slots, kc, vc)
-        return self.fp4.attention(layer, q, kc.contiguous(), vc.contiguous(), self.num_valid, slots)
+        attend = self.fp4.attention_dequantized if self._fp4_dequantize else self.fp4.attention
+        return attend(layer, q, kc.contiguous(), vc.contiguous(), self.num_valid, slots)
 
     @torch.compiler.disable  # host-side slot bookkeeping: a compiled block calls it as one opaque step
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
