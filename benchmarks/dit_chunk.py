@@ -47,6 +47,7 @@ def build(preset: str, device: str, dtype: torch.dtype, quant: str = "none") -> 
     return model
 
 
+@torch.no_grad()
 def run_chunk(model, cache, k, steps, ctx, noise, sync_timer=None):
     cache.begin_chunk(k * cache.chunk_frames)
     sampler = FlowUniPCSampler(steps)

@@ -69,6 +69,7 @@ def main() -> None:
     if args.compile:
         model.compile_blocks()
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the BF16 weights a quantized model was built from are not part of generation
     weights_gib = torch.cuda.memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
     cfg = model.config

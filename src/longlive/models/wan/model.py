@@ -315,7 +315,9 @@ class WanModel(nn.Module):
                 cos, sin = kv_cache.rope_tables(self.config, grid[1], grid[2], x.device)
             else:
                 cos, sin = rope_cos_sin(self.config, frame_positions, grid[1], grid[2])
-            cache = kv_cache.grad_window() if torch.is_grad_enabled() else kv_cache
+            # the out-of-place grad window only when an autograd graph is really being built
+            grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+            cache = kv_cache.grad_window() if grad else kv_cache
             plan = _Plan(cos, sin, cache=cache, groups=prompts)
         elif clean_x is not None:
             plan, tokens, e0 = self._teacher_forcing_plan(
