@@ -63,6 +63,7 @@ DEQUANT_SWEEP = [
     dict(block_rows=64, block_cols=128, num_warps=8, row_tiles=4),
     dict(block_rows=32, block_cols=256, num_warps=4, row_tiles=4),
     dict(block_rows=32, block_cols=128, num_warps=4, row_tiles=1),
+    dict(split_blocks=False),
     dict(hw_convert=False),
 ]
 """Alternatives to the default dequantize configuration."""
@@ -219,8 +220,6 @@ def _config_of(dequant: bool, pcol: int, opts: dict) -> dict:
     cfg = _resolve_config(pcol, dequant, opts.get("block_rows"), opts.get("block_cols"), opts.get("num_warps"),
                           opts.get("row_tiles"), opts.get("split_blocks"))
     d = asdict(cfg)
-    if dequant:
-        d.pop("split_blocks")
     d["hw_convert"] = opts.get("hw_convert", True) is not False
     return d
 

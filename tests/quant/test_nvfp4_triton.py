@@ -53,7 +53,8 @@ QUANT_CASES: dict[str, tuple[int, int, str, str, str, str, dict | None]] = {
     "all_zero_mse": (7, 40, "zero", "float32", "mse", "nearest", dict(block_rows=128, block_cols=64)),
     "float64_in": (20, 48, "wide", "float64", "mse", "nearest", None),
 }
-DEQUANT_TILES = [None, dict(block_rows=16, row_tiles=3), dict(block_rows=128, block_cols=64, num_warps=8)]
+DEQUANT_TILES = [None, dict(block_rows=16, row_tiles=3, split_blocks=False),
+                 dict(block_rows=128, block_cols=64, num_warps=8)]
 """Tile options of dequantize_triton tried on every case (all padded widths are multiples of 64)."""
 
 
@@ -247,7 +248,8 @@ def test_cpu_tensor_without_interpreter_gets_a_clear_error(monkeypatch: pytest.M
         nt.quantize_triton(torch.randn(4, 32))
 
 
-GPU_TILES = [None, dict(split_blocks=True), dict(block_rows=16, row_tiles=3), dict(block_rows=64, num_warps=8)]
+GPU_TILES = [None, dict(split_blocks=True), dict(split_blocks=False), dict(block_rows=16, row_tiles=3),
+             dict(block_rows=64, num_warps=8)]
 
 
 @pytest.mark.gpu
@@ -268,10 +270,9 @@ def test_cuda_kernels_bit_exact(rule: str, rnd: str, tiles: int) -> None:
             qt = nt.quantize_triton(x, rule, round=rnd, uniform=u, hw_convert=hw, **opts)
             assert torch.equal(qt.values, qr.values)
             assert torch.equal(qt.scale_factors.view(torch.uint8), qr.scale_factors.view(torch.uint8))
-        dopts = {k: v for k, v in opts.items() if k != "split_blocks"}
         for dt in (torch.float32, torch.bfloat16, torch.float16):
             for hw in (False, None):
-                got = nt.dequantize_triton(qr, dt, hw_convert=hw, **dopts)
+                got = nt.dequantize_triton(qr, dt, hw_convert=hw, **opts)
                 assert torch.equal(got.view(torch.uint8), nv.dequantize(qr, dt).view(torch.uint8))
 
 

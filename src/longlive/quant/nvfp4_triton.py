@@ -130,16 +130,15 @@ def _e2m1_magic_code(y):
 def _e2m1_stochastic_magic(a, u):
     """Stochastic E2M1 magnitude code of a in [0, 6] with uniform u: floor(a/step + u), capped.
 
-    Same arithmetic as the reference (``a * (1/step) + u`` then truncation); the sum can round up
-    to the next integer, where the reference's code is that of the largest grid value <= it.
+    Same arithmetic as the reference (``a * (1/step) + u`` then truncation to an integer); the sum
+    can round up to the next integer, where the reference's code is that of the largest grid value
+    <= the result: n + 2 * binade, capped at 4 + 2 * binade and at 7.
     """
     eb = tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, 0x3F800000)  # 2^max(e, 0)
     inv_step = (0x7F800000 - eb).to(tl.float32, bitcast=True)  # 2^(1 - max(e, 0))
-    v = a * inv_step + u
-    r = v + 8388608.0  # v < 16: nearest integer + 2^23, exact
-    below = ((r - 8388608.0) > v).to(tl.int32)  # floor = nearest - 1
-    n = (r.to(tl.int32, bitcast=True) - 0x4B000000) - below
-    return tl.minimum(tl.minimum(n, 4) + ((eb >> 22) - 254), 7)
+    n = (a * inv_step + u).to(tl.int32)  # truncation = floor (non-negative)
+    twice_binade = (eb >> 22) - 254
+    return tl.minimum(n + twice_binade, tl.minimum(twice_binade + 4, 7))
 
 
 @triton.jit
@@ -271,20 +270,6 @@ def _load_words(ptr, rows_idx, wcol, stride, n_rows, n_wcols, EVEN: tl.constexpr
 
 
 @triton.jit
-def _load_uniform_pair(ptr, rows_idx, wcol, stride, n_rows, n_wcols, EVEN: tl.constexpr):
-    """Uniforms of elements (2j, 2j+1) for word positions wcol, from a float32 [rows, cols] tensor."""
-    ptrs = ptr + rows_idx[:, None, None] * stride + 2 * wcol
-    if EVEN:
-        ulo = tl.load(ptrs)
-        uhi = tl.load(ptrs + 1)
-    else:
-        mask = (rows_idx[:, None, None] < n_rows) & (wcol < n_wcols)
-        ulo = tl.load(ptrs, mask=mask, other=0.0)
-        uhi = tl.load(ptrs + 1, mask=mask, other=0.0)
-    return ulo, uhi
-
-
-@triton.jit
 def _word_tree(t, BLOCK_R: tl.constexpr, NB: tl.constexpr, W: tl.constexpr):
     """Sum [R, NB, W] (W = 4 or 8 per-word partial sums) pairwise: ((w0+w1)+(w2+w3))+...
 
@@ -297,12 +282,22 @@ def _word_tree(t, BLOCK_R: tl.constexpr, NB: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _half_error(xlo, xhi, qlo, qhi, sb, dec, RULE: tl.constexpr,
+def _half_error(xlo, xhi, qlo, qhi, sb, dec, RULE: tl.constexpr, STOCHASTIC: tl.constexpr,
                 BLOCK_R: tl.constexpr, NB: tl.constexpr, W: tl.constexpr):
-    """Error of one candidate over W words of every block: |d| = |(q*sb)*dec - |x||, combined by RULE."""
-    s = sb[:, :, None]
-    dlo = (qlo * s) * dec - tl.abs(xlo)
-    dhi = (qhi * s) * dec - tl.abs(xhi)
+    """Error of one candidate over the W words of every block: |d| = |(q*sb)*dec - |x||, by RULE.
+
+    q comes from :func:`_half_candidate`: the magnitude (nearest), or the code's float32 pattern
+    (stochastic), which is value * 2^-126: then (q * (sb * 2^119)) * (dec * 2^7), the same single
+    rounding of value * sb * dec (see the dequantize kernel).
+    """
+    if STOCHASTIC:
+        s = (sb * _TWO_POW_119)[:, :, None]
+        f = dec * 128.0
+    else:
+        s = sb[:, :, None]
+        f = dec
+    dlo = (qlo * s) * f - tl.abs(xlo)
+    dhi = (qhi * s) * f - tl.abs(xhi)
     if RULE == 1:
         err = _word_tree(dlo * dlo + dhi * dhi, BLOCK_R, NB, W)
     elif RULE == 2:
@@ -314,14 +309,15 @@ def _half_error(xlo, xhi, qlo, qhi, sb, dec, RULE: tl.constexpr,
 
 @triton.jit
 def _half_candidate(x, inv, u, STOCHASTIC: tl.constexpr):
-    """Per-element part of one candidate: (code carrier, magnitude q) of a = min(|x * inv|, 6).
+    """Per-element part of one candidate: (code carrier, q) of a = min(|x * inv|, 6).
 
-    The code carrier is y of :func:`_e2m1_magic` (nearest) or the code itself (stochastic).
+    Nearest: y of :func:`_e2m1_magic` and the magnitude q = y - m. Stochastic: the code and its
+    float32 pattern (value * 2^-126, see :func:`_half_error`).
     """
     a = tl.minimum(tl.abs(x * inv[:, :, None]), 6.0)
     if STOCHASTIC:
         c = _e2m1_stochastic_magic(a, u)
-        q = _e2m1_value(c)
+        q = (c << 22).to(tl.float32, bitcast=True)
     else:
         c, m = _e2m1_magic(a)
         q = c - m
@@ -400,8 +396,8 @@ def _quantize_kernel(
         w = _load_words(x_ptr, r, wcol, stride_xw, rows, cols_w, EVEN)
         xlo, xhi = _unpack_pair(w, IN_KIND)
         bmax = tl.max(tl.maximum(tl.abs(xlo), tl.abs(xhi)), axis=2)
-        if STOCHASTIC:
-            ulo, uhi = _load_uniform_pair(u_ptr, r, wcol, stride_u, rows, cols_w, EVEN)
+        if STOCHASTIC:  # float32 uniforms read as int64 pairs, like float32 x
+            ulo, uhi = _unpack_pair(_load_words(u_ptr, r, wcol, stride_u, rows, cols_w, EVEN), 0)
         else:
             ulo = xlo
             uhi = xhi
@@ -412,8 +408,8 @@ def _quantize_kernel(
             sb_code4, sb4, inv4 = _block_scale(bmax, k4, dec, HW_CVT)
             c4lo, q4lo = _half_candidate(xlo, inv4, ulo, STOCHASTIC)
             c4hi, q4hi = _half_candidate(xhi, inv4, uhi, STOCHASTIC)
-            err6 = _half_error(xlo, xhi, qlo, qhi, sb, dec, RULE, BLOCK_R, NB, 8)
-            err4 = _half_error(xlo, xhi, q4lo, q4hi, sb4, dec, RULE, BLOCK_R, NB, 8)
+            err6 = _half_error(xlo, xhi, qlo, qhi, sb, dec, RULE, STOCHASTIC, BLOCK_R, NB, 8)
+            err4 = _half_error(xlo, xhi, q4lo, q4hi, sb4, dec, RULE, STOCHASTIC, BLOCK_R, NB, 8)
             pick4 = err4 < err6  # ties keep the max->6 candidate
             clo = tl.where(pick4[:, :, None], c4lo, clo)
             chi = tl.where(pick4[:, :, None], c4hi, chi)
@@ -428,12 +424,14 @@ def _dequantize_kernel(
     values_ptr, scales_ptr, amax_ptr, out_ptr,
     rows, cols, stride_out, words_per_row, scale_cols, n_row_tiles,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr, R4: tl.constexpr,
-    E2M1_MAX: tl.constexpr, E4M3_MAX: tl.constexpr, OUT_KIND: tl.constexpr,
+    E2M1_MAX: tl.constexpr, E4M3_MAX: tl.constexpr, OUT_KIND: tl.constexpr, SPLIT: tl.constexpr,
     HW_CVT: tl.constexpr, EVEN: tl.constexpr, INDEX64: tl.constexpr,
 ):
     """One program dequantizes TILES row tiles of [BLOCK_R, BLOCK_C]: (value * block scale) * decode.
 
-    The packed values are read as int32 words of 8 codes (2 words per block).
+    The packed values are read as int32 words of 8 codes (2 words per block). With SPLIT each lane
+    handles one word and stores its 8 outputs (16 bytes for bf16/fp16: the widest store, warps
+    write contiguous bytes); otherwise a lane handles a block and stores its two halves separately.
     """
     NB: tl.constexpr = BLOCK_C // 16
     amax = tl.load(amax_ptr)
@@ -444,28 +442,45 @@ def _dequantize_kernel(
     # is exact, so the one rounding is that of the reference's ``* dec``.
     dec7 = dec * 128.0
     nb = tl.program_id(1) * NB + tl.arange(0, NB)
-    wcol = nb[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
-    shift = 4 * tl.arange(0, 8)[None, None, :]
-    col = nb[None, :, None] * 16 + tl.arange(0, 8)[None, None, :]  # first half of each block [1, NB, 8]
+    if SPLIT:
+        # written so that Triton sees no contiguity along the two words of a block: the load then
+        # gets one word per lane, the layout of the output store (no shuffle in between)
+        half = (tl.arange(0, 2) * 3) & 1
+    else:
+        half = tl.arange(0, 2)
+    wcol = nb[None, :, None] * 2 + half[None, None, :]  # [1, NB, 2]
     t0 = tl.program_id(0) * TILES
     for tile in tl.range(t0, tl.minimum(t0 + TILES, n_row_tiles)):
         r = _tile_rows(tile, BLOCK_R, R4, INDEX64)
         words = tl.load(values_ptr + r[:, None, None] * words_per_row + wcol)  # [R, NB, 2]
-        s_code = tl.load(scales_ptr + _scale_offsets(r[:, None], nb[None, :], scale_cols))
-        s119 = (_e4m3_value(s_code.to(tl.int32)) * _TWO_POW_119)[:, :, None]  # sb * 2^119
-        w0, w1 = tl.split(words)
-        ptrs = out_ptr + r[:, None, None] * stride_out + col
-        _dequant_half(w0, shift, s119, dec7, ptrs, r, col, rows, cols, OUT_KIND, HW_CVT, EVEN)
-        _dequant_half(w1, shift, s119, dec7, ptrs + 8, r, col + 8, rows, cols, OUT_KIND, HW_CVT, EVEN)
+        if SPLIT:  # the block's scale, read by both lanes of the block
+            s_code = tl.load(scales_ptr + _scale_offsets(r[:, None, None], nb[None, :, None] + 0 * half[None, None, :],
+                                                          scale_cols))
+            s119 = _e4m3_value(s_code.to(tl.int32)) * _TWO_POW_119  # sb * 2^119, [R, NB, 2]
+            shift = 4 * tl.arange(0, 8)[None, None, None, :]
+            codes = (words[:, :, :, None] >> shift) & 15  # [R, NB, 2, 8]: word-major = column order
+            bits = ((codes & 8) << 28) | ((codes & 7) << 22)
+            out = tl.reshape((bits.to(tl.float32, bitcast=True) * s119[:, :, :, None]) * dec7, (BLOCK_R, NB, 16))
+            col = nb[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]  # [1, NB, 16]
+            _dequant_store(out_ptr, out, r, col, rows, cols, stride_out, OUT_KIND, HW_CVT, EVEN)
+        else:
+            s_code = tl.load(scales_ptr + _scale_offsets(r[:, None], nb[None, :], scale_cols))
+            s119 = (_e4m3_value(s_code.to(tl.int32)) * _TWO_POW_119)[:, :, None]  # sb * 2^119
+            shift = 4 * tl.arange(0, 8)[None, None, :]
+            col = nb[None, :, None] * 16 + tl.arange(0, 8)[None, None, :]  # first half of each block
+            w0, w1 = tl.split(words)
+            for h in tl.static_range(2):
+                codes = ((w0 if h == 0 else w1)[:, :, None] >> shift) & 15  # [R, NB, 8]
+                bits = ((codes & 8) << 28) | ((codes & 7) << 22)
+                out = (bits.to(tl.float32, bitcast=True) * s119) * dec7
+                _dequant_store(out_ptr, out, r, col + 8 * h, rows, cols, stride_out, OUT_KIND, HW_CVT, EVEN)
 
 
 @triton.jit
-def _dequant_half(word, shift, s119, dec7, ptrs, r, col, rows, cols,
-                  OUT_KIND: tl.constexpr, HW_CVT: tl.constexpr, EVEN: tl.constexpr):
-    """Dequantize and store the 8 elements of one int32 word of codes per block: [R, NB, 8]."""
-    codes = (word[:, :, None] >> shift) & 15
-    bits = ((codes & 8) << 28) | ((codes & 7) << 22)
-    out = (bits.to(tl.float32, bitcast=True) * s119) * dec7
+def _dequant_store(out_ptr, out, r, col, rows, cols, stride_out,
+                   OUT_KIND: tl.constexpr, HW_CVT: tl.constexpr, EVEN: tl.constexpr):
+    """Convert float32 results [R, NB, n] to the output dtype and store them at (r, col)."""
+    ptrs = out_ptr + r[:, None, None] * stride_out + col
     if OUT_KIND == 0:
         res = out
     elif OUT_KIND == 1:
@@ -630,13 +645,14 @@ class KernelConfig:
     row_tiles: int = 1
     """Row tiles one program handles in a loop (amortises the per-program setup)."""
     split_blocks: bool = False
-    """quantize only: spread each 16-block over two lanes (16 bytes each) instead of one."""
+    """Spread each 16-block over two lanes instead of one (quantize: two 16-byte loads of a lane
+    become one load each of two lanes; dequantize: one 8-element word and one store per lane)."""
 
 
 # Defaults (padded width a multiple of 128; 64-wide tensors use block_cols 64). Chosen by reasoning
 # about instruction counts and occupancy; benchmarks/nvfp4_kernels.py sweeps the alternatives.
 _QUANT_DEFAULT = KernelConfig(block_rows=32, block_cols=128, num_warps=4, row_tiles=4)
-_DEQUANT_DEFAULT = KernelConfig(block_rows=32, block_cols=128, num_warps=4, row_tiles=4)
+_DEQUANT_DEFAULT = KernelConfig(block_rows=32, block_cols=128, num_warps=4, row_tiles=4, split_blocks=True)
 
 
 def _resolve_config(
@@ -755,7 +771,7 @@ def quantize_triton(
     if x.dtype not in _IN_KINDS:
         x = x.to(torch.float32)  # same first step as the reference (exact for fp8, RNE for fp64)
     xw = _as_words(x.detach(), torch.int64 if x.dtype == torch.float32 else torch.int32)
-    u = x  # placeholder pointer when not stochastic (never read)
+    u = xw  # placeholder pointer when not stochastic (never read)
     if round == "stochastic":
         if uniform is None:
             if generator is None:
@@ -768,9 +784,7 @@ def quantize_triton(
             )
         if validate and not bool(((uniform >= 0) & (uniform < 1)).all()):
             raise ValueError("stochastic rounding uniforms must lie in [0, 1)")
-        u = uniform if uniform.stride(-1) == 1 else uniform.contiguous()
-        if cols % 2:
-            u = torch.nn.functional.pad(u, (0, 1))
+        u = _as_words(uniform if uniform.stride(-1) == 1 else uniform.contiguous(), torch.int64)
     values = torch.empty((prow, pcol // 2), dtype=torch.uint8, device=x.device)
     sf = torch.empty((prow * pcol // BLOCK_SIZE,), dtype=torch.uint8, device=x.device)
     e2m1_max, e4m3_max = rule_maxima(rule)
@@ -803,6 +817,7 @@ def dequantize_triton(
     block_cols: int | None = None,
     num_warps: int | None = None,
     row_tiles: int | None = None,
+    split_blocks: bool | None = None,
     hw_convert: bool | None = None,
 ) -> torch.Tensor:
     """Dequantize to float32 / bfloat16 / float16 [orig rows, orig cols]; bit-identical to the reference."""
@@ -811,7 +826,7 @@ def dequantize_triton(
     _check_device(q.values)
     rows, cols = q.shape
     prow, pcol = q.padded_shape
-    cfg = _resolve_config(pcol, True, block_rows, block_cols, num_warps, row_tiles, None)
+    cfg = _resolve_config(pcol, True, block_rows, block_cols, num_warps, row_tiles, split_blocks)
     hw = _use_hw_cvt(q.values.device, hw_convert)
     e2m1_max, e4m3_max = rule_maxima(q.rule)
     amax = q.amax.to(device=q.values.device, dtype=torch.float32).reshape(1)
@@ -825,7 +840,8 @@ def dequantize_triton(
         words, scales, amax, out,
         rows, cols, out.stride(0), pcol // 8, pcol // BLOCK_SIZE, n_row_tiles,
         BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, TILES=cfg.row_tiles, R4=max(cfg.block_rows // 32, 1),
-        E2M1_MAX=e2m1_max, E4M3_MAX=e4m3_max, OUT_KIND=_OUT_KINDS[dtype], HW_CVT=hw, EVEN=even,
+        E2M1_MAX=e2m1_max, E4M3_MAX=e4m3_max, OUT_KIND=_OUT_KINDS[dtype], SPLIT=cfg.split_blocks,
+        HW_CVT=hw, EVEN=even,
         INDEX64=max(prow * max(out.stride(0), pcol // 8), prow * pcol // BLOCK_SIZE) >= _INT32_LIMIT,
         num_warps=cfg.num_warps, **_LAUNCH_OPTIONS,
     )
