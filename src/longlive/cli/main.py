@@ -15,7 +15,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("longlive.cli.data", "training data tools (encode: videos -> latent files for training)"),
     "decode-latents": ("longlive.cli.decode_latents", "decode saved latents (.pt) to MP4 videos"),
-    "export": ("longlive.cli.export", "export checkpoints (merge-lora: fold a LoRA into the generator)"),
+    "export": ("longlive.cli.export", "export checkpoints (merge-lora: fold a LoRA into the generator; nvfp4: compact NVFP4 or TE weights)"),
     "generate": ("longlive.cli.generate", "generate long videos for the prompts of a config"),
     "train": ("longlive.cli.train", "train the chunk-level AR model (teacher forcing; torchrun for several GPUs)"),
     "vae-halo": ("longlive.cli.vae_halo", "print the chunk-halo VAE encoding windows per sequence-parallel rank"),
