@@ -10,6 +10,7 @@ Prints a summary table, then JSON; also writes $OUT/nvfp4_kernels.json when OUT 
 
     python benchmarks/nvfp4_kernels.py             # checks + timings + sweep (under 3 minutes on an H200)
     python benchmarks/nvfp4_kernels.py --no-sweep  # default configurations only
+    python benchmarks/nvfp4_kernels.py --sass      # SASS instructions per element, compiled offline (no GPU)
 """
 
 from __future__ import annotations
@@ -362,6 +363,98 @@ def summarize(perf: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines), best
 
 
+def sass_instruction_counts(arch: int = 90) -> list[dict]:
+    """Instructions per element of the default kernels, compiled offline to SASS (no GPU needed).
+
+    Uses Triton's bundled ptxas / nvdisasm; the row-tile loop body is counted ``row_tiles`` times and
+    the code outside it once; the division slow path (a called subroutine) is not counted. Integer
+    arguments get Triton's divisible-by-16 specialization as for the KV-chunk shape (168960 x 128).
+    """
+    import collections
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from longlive.quant import nvfp4_triton as nt
+
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    rows, cols = 168960, 128
+    cases = []
+    for rule, stochastic in (("static_6", False), ("mse", False), ("static_6", True), ("mse", True)):
+        cases.append(("quantize", rule, stochastic, 1))
+    cases += [("dequantize", "mse", False, 1), ("dequantize", "mse", False, 0)]
+    out = []
+    for op, rule, stochastic, out_kind in cases:
+        cfg = _resolve_config(cols, op == "dequantize", None, None, None, None, None)
+        e2m1_max, e4m3_max = nv.rule_maxima(rule)
+        consts = dict(BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, TILES=cfg.row_tiles,
+                      R4=max(cfg.block_rows // 32, 1), E2M1_MAX=e2m1_max, E4M3_MAX=e4m3_max)
+        if op == "quantize":
+            fn = nt._quantize_kernel
+            sig = {"x_ptr": "*i32", "u_ptr": "*i64", "values_ptr": "*u8", "scales_ptr": "*u8", "amax_ptr": "*fp32",
+                   "rows": "i32", "cols_w": "i32", "stride_xw": "i32", "stride_u": "i32", "half_cols": "i32",
+                   "scale_cols": "i32", "n_row_tiles": "i32"}
+            ints = {"rows": rows, "cols_w": cols // 2, "stride_xw": cols // 2, "stride_u": cols // 2,
+                    "half_cols": cols // 2, "scale_cols": cols // 16, "n_row_tiles": rows // cfg.block_rows}
+            consts.update(RULE=nt._RULE_IDS[rule], STOCHASTIC=stochastic, IN_KIND=1, SPLIT=cfg.split_blocks,
+                          HW_CVT=True, EVEN=True, INDEX64=False)
+        else:
+            fn = nt._dequantize_kernel
+            sig = {"values_ptr": "*i32", "scales_ptr": "*u8", "amax_ptr": "*fp32",
+                   "out_ptr": "*bf16" if out_kind == 1 else "*fp32", "rows": "i32", "cols": "i32",
+                   "stride_out": "i32", "words_per_row": "i32", "scale_cols": "i32", "n_row_tiles": "i32"}
+            ints = {"rows": rows, "cols": cols, "stride_out": cols, "words_per_row": cols // 8,
+                    "scale_cols": cols // 16, "n_row_tiles": rows // cfg.block_rows}
+            consts.update(OUT_KIND=out_kind, SPLIT=cfg.split_blocks, HW_CVT=True, EVEN=True, INDEX64=False)
+        names = list(sig) + list(consts)
+        sig.update({k: "constexpr" for k in consts})
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+                 if t.startswith("*") or ints.get(n, 1) % 16 == 0}
+        rec = {"op": op, "rule": rule,
+               "round": None if op == "dequantize" else ("stochastic" if stochastic else "nearest"),
+               "output": {0: "float32", 1: "bfloat16"}[out_kind] if op == "dequantize" else None,
+               "config": asdict(cfg), "arch": f"sm_{arch}"}
+        try:
+            kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                                    options=dict(num_warps=cfg.num_warps, enable_fp_fusion=False))
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(kernel.asm["cubin"])
+                f.flush()
+                sass = subprocess.run([str(bindir / "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                                      check=True).stdout
+        except Exception as exc:  # e.g. another Triton version's compile API
+            rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            out.append(rec)
+            continue
+        instrs, labels = [], {}
+        for line in sass.splitlines():
+            if re.match(r"^\s*\$?__internal", line):
+                break
+            m = re.match(r"^\s*(\.L_x_\d+):", line)
+            if m:
+                labels[m.group(1)] = len(instrs)
+                continue
+            m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)(\S*)(.*)", line)
+            if m:
+                instrs.append((m.group(2), m.group(4)))
+        loop = None
+        for i, (opname, rest) in enumerate(instrs):
+            t = re.search(r"(\.L_x_\d+)", rest) if opname == "BRA" else None
+            if t and labels.get(t.group(1), i) < i:
+                loop = (labels[t.group(1)], i)
+        counts: collections.Counter = collections.Counter()
+        for i, (opname, _) in enumerate(instrs):
+            counts[opname] += cfg.row_tiles if loop and loop[0] <= i <= loop[1] else 1
+        elems = cfg.block_rows * cfg.block_cols * cfg.row_tiles / (32 * cfg.num_warps)
+        rec["instructions_per_element"] = round(sum(counts.values()) / elems, 1)
+        rec["top_opcodes_per_element"] = {k: round(v / elems, 2) for k, v in counts.most_common(12)}
+        out.append(rec)
+    return out
+
+
 def _commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -376,8 +469,22 @@ def main() -> int:
     parser.add_argument("--no-sweep", action="store_true", help="skip the tile / warp sweep")
     parser.add_argument("--budget", type=float, default=165.0,
                         help="seconds after which remaining sweep entries are skipped (default 165)")
+    parser.add_argument("--sass", action="store_true",
+                        help="only compile the default kernels for sm_90 offline and count SASS instructions "
+                             "per element (no GPU needed)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.sass:
+        import triton
+
+        counts = sass_instruction_counts()
+        for r in counts:
+            logger.info("%s %s %s: %s instructions per element", r["op"], r["rule"], r["round"] or r["output"],
+                        r.get("instructions_per_element", r.get("error")))
+        sys.stdout.write(json.dumps({"command": " ".join([Path(sys.executable).name] + sys.argv),
+                                     "triton": triton.__version__, "commit": _commit(), "sass": counts},
+                                    indent=1) + "\n")
+        return 0 if all("error" not in r for r in counts) else 1
     if not torch.cuda.is_available():
         logger.error("CUDA is not available; this benchmark needs a GPU")
         return 2
