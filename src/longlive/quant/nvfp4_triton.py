@@ -378,10 +378,10 @@ def _quantize_kernel(
     NB: tl.constexpr = BLOCK_C // 16
     # per-tensor factors, the same IEEE divisions as nvfp4.tensor_scales
     amax = tl.load(amax_ptr)
-    k = tl.math.div_rn(tl.full((), E4M3_MAX, tl.float32), amax)
-    dec = tl.math.div_rn(amax, tl.full((), E2M1_MAX * E4M3_MAX, tl.float32))
+    k = tl.math.div_rn(E4M3_MAX + 0.0, amax)
+    dec = tl.math.div_rn(amax, E2M1_MAX * E4M3_MAX + 0.0)
     if RULE != 0:
-        k4 = tl.math.div_rn(tl.full((), E4M3_MAX * E2M1_MAX / 4.0, tl.float32), amax)
+        k4 = tl.math.div_rn(E4M3_MAX * E2M1_MAX / 4.0, amax)
     else:
         k4 = k
     nb = tl.program_id(1) * NB + tl.arange(0, NB)
@@ -435,7 +435,7 @@ def _dequantize_kernel(
     """
     NB: tl.constexpr = BLOCK_C // 16
     amax = tl.load(amax_ptr)
-    dec = tl.math.div_rn(amax, tl.full((), E2M1_MAX * E4M3_MAX, tl.float32))
+    dec = tl.math.div_rn(amax, E2M1_MAX * E4M3_MAX + 0.0)
     # (value * sb) * dec with value = bits * 2^126 (bits: code in a float32 pattern, see _e2m1_value)
     # is computed as (bits * (sb * 2^119)) * (dec * 2^7): both factors are exact power-of-two
     # scalings in range (sb <= 448, dec <= FLT_MAX / 1536) and bits * sb * 2^119 = value * sb * 2^-7
