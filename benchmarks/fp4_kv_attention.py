@@ -12,12 +12,9 @@ warm-up; TFLOP/s counts 4*Sq*Skeys*H*D. Prints JSON; also writes $OUT/fp4_kv_att
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from report import commit, emit  # noqa: E402
 from longlive.quant import nvfp4 as nv  # noqa: E402
 from longlive.quant.fp4_kv import AttentionKernelConfig, FP4KVStore, smoothing_mean  # noqa: E402
 
@@ -63,17 +61,6 @@ def time_calls(fn: Callable[[], object], iters: int, device: torch.device, warmu
             fn()
             times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "iters": iters}
-
-
-def _commit() -> str | None:
-    """LONGLIVE_COMMIT if set (the benchmark machine has no .git), else `git rev-parse --short HEAD`."""
-    if os.environ.get("LONGLIVE_COMMIT"):
-        return os.environ["LONGLIVE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _errors(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -249,16 +236,11 @@ def main() -> int:
         "triton": triton_version,
         "cudnn": torch.backends.cudnn.version(),
         "python": platform.python_version(),
-        "commit": _commit(),
+        "commit": commit(),
         **run(args),
     }
     report["seconds_total"] = time.time() - t0
-    text = json.dumps(report, indent=1)
-    sys.stdout.write(text + "\n")
-    if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / "fp4_kv_attention.json"
-        path.write_text(text)
-        logger.info("wrote %s", path)
+    emit(report, "fp4_kv_attention.json")
     return 0
 
 

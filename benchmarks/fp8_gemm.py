@@ -13,13 +13,10 @@ Prints JSON; also writes $OUT/fp8_gemm.json when OUT is set. Needs compute capab
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from report import commit, emit  # noqa: E402
 from longlive.quant.fp8 import Float8Linear, quantize_rowwise  # noqa: E402
 
 logger = logging.getLogger("fp8_gemm")
@@ -111,17 +109,6 @@ def bench_shape(name: str, m: int, k: int, n: int, warmup: int, iters: int, comp
     return record
 
 
-def _commit() -> str | None:
-    """LONGLIVE_COMMIT if set (the benchmark machine has no .git), else `git rev-parse --short HEAD`."""
-    if os.environ.get("LONGLIVE_COMMIT"):
-        return os.environ["LONGLIVE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main() -> int:
     """Run all shapes; exit code 2 without a CUDA GPU of compute capability >= 8.9."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -151,17 +138,12 @@ def main() -> int:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "commit": _commit(),
+        "commit": commit(),
         "timing": f"CUDA events, median of {args.iters} runs after {args.warmup} warm-up runs, no L2 flush",
         "results": results,
         "seconds_total": time.time() - t0,
     }
-    text = json.dumps(report, indent=1)
-    sys.stdout.write(text + "\n")
-    if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / "fp8_gemm.json"
-        path.write_text(text)
-        logger.info("wrote %s", path)
+    emit(report, "fp8_gemm.json")
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from report import commit  # noqa: E402
 from longlive.models.wan import WanConfig, WanModel  # noqa: E402
 from longlive.pipelines.chunked import ChunkedOptions, generate_latents  # noqa: E402
 
@@ -40,15 +40,6 @@ def build(preset: str, weights: str, device: torch.device) -> WanModel:
         quantize_model(model, NVFP4Recipe.from_rules("mse", weight_2d=False), nvfp4_filter(None), backend="weight_only",
                        materialize=True)
     return model
-
-
-def _commit() -> str:
-    if os.environ.get("LONGLIVE_COMMIT"):
-        return os.environ["LONGLIVE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
 
 
 def main() -> None:
@@ -92,7 +83,7 @@ def main() -> None:
     total = time.perf_counter() - t0
     steady = sorted(times[len(times) // 2:])[len(times[len(times) // 2:]) // 2]
     out = {
-        "env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": _commit()},
+        "env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit()},
         "weights": args.weights, "kv": args.kv, "frames": args.frames, "steps": args.steps, "compile": args.compile,
         "model_gib": weights_gib, "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "seconds": total,
