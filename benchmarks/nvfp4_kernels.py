@@ -396,18 +396,18 @@ def sass_instruction_counts(arch: int = 90) -> list[dict]:
             fn = nt._quantize_kernel
             sig = {"x_ptr": "*i32", "u_ptr": "*i64", "values_ptr": "*u8", "scales_ptr": "*u8", "amax_ptr": "*fp32",
                    "rows": "i32", "cols_w": "i32", "stride_xw": "i32", "stride_u": "i32", "half_cols": "i32",
-                   "scale_cols": "i32", "n_row_tiles": "i32"}
+                   "scale_cols": "i32"}
             ints = {"rows": rows, "cols_w": cols // 2, "stride_xw": cols // 2, "stride_u": cols // 2,
-                    "half_cols": cols // 2, "scale_cols": cols // 16, "n_row_tiles": rows // cfg.block_rows}
+                    "half_cols": cols // 2, "scale_cols": cols // 16}
             consts.update(RULE=nt._RULE_IDS[rule], STOCHASTIC=stochastic, IN_KIND=1, SPLIT=cfg.split_blocks,
                           HW_CVT=True, EVEN=True, INDEX64=False)
         else:
             fn = nt._dequantize_kernel
             sig = {"values_ptr": "*i32", "scales_ptr": "*u8", "amax_ptr": "*fp32",
                    "out_ptr": "*bf16" if out_kind == 1 else "*fp32", "rows": "i32", "cols": "i32",
-                   "stride_out": "i32", "words_per_row": "i32", "scale_cols": "i32", "n_row_tiles": "i32"}
+                   "stride_out": "i32", "words_per_row": "i32", "scale_cols": "i32"}
             ints = {"rows": rows, "cols": cols, "stride_out": cols, "words_per_row": cols // 8,
-                    "scale_cols": cols // 16, "n_row_tiles": rows // cfg.block_rows}
+                    "scale_cols": cols // 16}
             consts.update(OUT_KIND=out_kind, SPLIT=cfg.split_blocks, HW_CVT=True, EVEN=True, INDEX64=False)
         names = list(sig) + list(consts)
         sig.update({k: "constexpr" for k in consts})

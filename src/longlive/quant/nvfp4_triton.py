@@ -363,7 +363,7 @@ def _code(c, STOCHASTIC: tl.constexpr):
 @triton.jit
 def _quantize_kernel(
     x_ptr, u_ptr, values_ptr, scales_ptr, amax_ptr,
-    rows, cols_w, stride_xw, stride_u, half_cols, scale_cols, n_row_tiles,
+    rows, cols_w, stride_xw, stride_u, half_cols, scale_cols,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr, R4: tl.constexpr,
     E2M1_MAX: tl.constexpr, E4M3_MAX: tl.constexpr, RULE: tl.constexpr, STOCHASTIC: tl.constexpr,
     IN_KIND: tl.constexpr, SPLIT: tl.constexpr, HW_CVT: tl.constexpr, EVEN: tl.constexpr,
@@ -391,7 +391,8 @@ def _quantize_kernel(
     else:
         wcol = nb[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # word columns [1, NB, 8]
     t0 = tl.program_id(0) * TILES
-    for tile in tl.range(t0, tl.minimum(t0 + TILES, n_row_tiles)):
+    for i in range(TILES):  # the wrapper makes TILES divide the number of row tiles
+        tile = t0 + i
         r = _tile_rows(tile, BLOCK_R, R4, INDEX64)
         w = _load_words(x_ptr, r, wcol, stride_xw, rows, cols_w, EVEN)
         xlo, xhi = _unpack_pair(w, IN_KIND)
@@ -422,7 +423,7 @@ def _quantize_kernel(
 @triton.jit
 def _dequantize_kernel(
     values_ptr, scales_ptr, amax_ptr, out_ptr,
-    rows, cols, stride_out, words_per_row, scale_cols, n_row_tiles,
+    rows, cols, stride_out, words_per_row, scale_cols,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr, R4: tl.constexpr,
     E2M1_MAX: tl.constexpr, E4M3_MAX: tl.constexpr, OUT_KIND: tl.constexpr, SPLIT: tl.constexpr,
     HW_CVT: tl.constexpr, EVEN: tl.constexpr, INDEX64: tl.constexpr,
@@ -450,7 +451,8 @@ def _dequantize_kernel(
         half = tl.arange(0, 2)
     wcol = nb[None, :, None] * 2 + half[None, None, :]  # [1, NB, 2]
     t0 = tl.program_id(0) * TILES
-    for tile in tl.range(t0, tl.minimum(t0 + TILES, n_row_tiles)):
+    for i in range(TILES):  # the wrapper makes TILES divide the number of row tiles
+        tile = t0 + i
         r = _tile_rows(tile, BLOCK_R, R4, INDEX64)
         words = tl.load(values_ptr + r[:, None, None] * words_per_row + wcol)  # [R, NB, 2]
         if SPLIT:  # the block's scale, read by both lanes of the block
@@ -643,7 +645,8 @@ class KernelConfig:
     """Columns of one tile (a power of two >= 16 dividing the padded width)."""
     num_warps: int
     row_tiles: int = 1
-    """Row tiles one program handles in a loop (amortises the per-program setup)."""
+    """Row tiles one program handles in a loop (amortises the per-program setup); a call uses the
+    largest divisor of its number of row tiles that does not exceed this."""
     split_blocks: bool = False
     """Spread each 16-block over two lanes instead of one (quantize: two 16-byte loads of a lane
     become one load each of two lanes; dequantize: one 8-element word and one store per lane)."""
@@ -791,11 +794,12 @@ def quantize_triton(
     cols_w = (cols + 1) // 2
     even = rows == prow and cols == pcol  # the grid covers the padding: masks only where it exists
     n_row_tiles = prow // cfg.block_rows
-    grid = (triton.cdiv(n_row_tiles, cfg.row_tiles), pcol // cfg.block_cols)
+    tiles = math.gcd(cfg.row_tiles, n_row_tiles)
+    grid = (n_row_tiles // tiles, pcol // cfg.block_cols)
     _quantize_kernel[grid](
         xw, u, values, sf, amax,
-        rows, cols_w, xw.stride(0), u.stride(0), pcol // 2, pcol // BLOCK_SIZE, n_row_tiles,
-        BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, TILES=cfg.row_tiles, R4=max(cfg.block_rows // 32, 1),
+        rows, cols_w, xw.stride(0), u.stride(0), pcol // 2, pcol // BLOCK_SIZE,
+        BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, TILES=tiles, R4=max(cfg.block_rows // 32, 1),
         E2M1_MAX=e2m1_max, E4M3_MAX=e4m3_max, RULE=_RULE_IDS[rule], STOCHASTIC=round == "stochastic",
         IN_KIND=_IN_KINDS[x.dtype], SPLIT=cfg.split_blocks, HW_CVT=hw, EVEN=even,
         INDEX64=max(prow * max(xw.stride(0), u.stride(0), pcol // 2), prow * pcol // BLOCK_SIZE) >= _INT32_LIMIT,
@@ -835,11 +839,12 @@ def dequantize_triton(
     scales = q.scale_factors.contiguous().view(torch.uint8)
     even = rows % cfg.block_rows == 0 and cols % cfg.block_cols == 0
     n_row_tiles = triton.cdiv(rows, cfg.block_rows)
-    grid = (triton.cdiv(n_row_tiles, cfg.row_tiles), triton.cdiv(cols, cfg.block_cols))
+    tiles = math.gcd(cfg.row_tiles, n_row_tiles)
+    grid = (n_row_tiles // tiles, triton.cdiv(cols, cfg.block_cols))
     _dequantize_kernel[grid](
         words, scales, amax, out,
-        rows, cols, out.stride(0), pcol // 8, pcol // BLOCK_SIZE, n_row_tiles,
-        BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, TILES=cfg.row_tiles, R4=max(cfg.block_rows // 32, 1),
+        rows, cols, out.stride(0), pcol // 8, pcol // BLOCK_SIZE,
+        BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, TILES=tiles, R4=max(cfg.block_rows // 32, 1),
         E2M1_MAX=e2m1_max, E4M3_MAX=e4m3_max, OUT_KIND=_OUT_KINDS[dtype], SPLIT=cfg.split_blocks,
         HW_CVT=hw, EVEN=even,
         INDEX64=max(prow * max(out.stride(0), pcol // 8), prow * pcol // BLOCK_SIZE) >= _INT32_LIMIT,
