@@ -237,11 +237,17 @@ class Budget:
 
 
 def throughput(device: torch.device, copy_bw: float, sweep: bool, budget: Budget) -> list[dict]:
-    """Time quantize / dequantize on realistic shapes (bf16 input, Gaussian data)."""
+    """Time quantize / dequantize on realistic shapes (bf16 input, Gaussian data).
+
+    Default configurations first (all shapes), then the sweep entries in list order across shapes,
+    so that a time budget cuts the least important entries.
+    """
     gen = torch.Generator(device=device).manual_seed(1)
     out: list[dict] = []
+    quant_ops = (("static_6", "nearest"), ("mse", "nearest"), ("mse", "stochastic"))
 
-    def record(name: str, rows: int, cols: int, **rec: object) -> None:
+    def record(shape: tuple, **rec: object) -> None:
+        name, rows, cols = shape
         t = rec.get("seconds")
         if t:
             rec["GBps"] = rec.pop("nbytes") / t / 1e9
@@ -250,83 +256,101 @@ def throughput(device: torch.device, copy_bw: float, sweep: bool, budget: Budget
             rec.pop("nbytes", None)
         out.append({"shape_name": name, "shape": [rows, cols], **rec})
 
-    for name, rows, cols in BENCH_SHAPES:
+    data = {}
+    for shape in BENCH_SHAPES:
+        _, rows, cols = shape
         n = rows * cols
-        pcol = nv.padded_shape(rows, cols)[1]
         copies = max(2, math.ceil(ROTATE_BYTES / (n * 2)))
         xs = [_data(rows, cols, "gauss", torch.bfloat16, gen) for _ in range(copies)]
         amaxes = [torch.linalg.vector_norm(x, ord=float("inf")).float().reshape(1) for x in xs]
         u = torch.rand(rows, cols, generator=gen, device=device)
-        q_bytes = n * 2 + n // 2 + n // 16
-        for rule, rnd in (("static_6", "nearest"), ("mse", "nearest"), ("mse", "stochastic")):
-            uu = u if rnd == "stochastic" else None
-            nbytes = q_bytes + (n * 4 if uu is not None else 0)
-            ref = nv.quantize(xs[0], rule, round=rnd, uniform=uu)
-            configs = [{}] + (QUANT_SWEEP if sweep and rnd == "nearest" else [])
-            for opts in configs:
-                if opts and not budget.left():
-                    budget.skipped += 1
-                    continue
-                base = {"op": "quantize", "rule": rule, "round": rnd, "default": not opts}
-                try:
-                    cfg = _config_of(False, pcol, opts)
-                except ValueError as exc:
-                    record(name, rows, cols, **base, config=opts, not_applicable=str(exc), nbytes=0)
-                    continue
-                try:
-                    qt = quantize_triton(xs[0], rule, round=rnd, uniform=uu, validate=False, amax=amaxes[0], **opts)
-                    exact = _same(qt.values, ref.values) == 0 and _same(qt.scale_factors, ref.scale_factors) == 0
-                    fns = [lambda x=x, a=a: quantize_triton(x, rule, round=rnd, uniform=uu, validate=False, amax=a,
-                                                            **opts) for x, a in zip(xs, amaxes)]
-                    t = time_graph(fns)
-                    record(name, rows, cols, **base, timing="kernel_graph", config=cfg, exact=exact,
-                           seconds=t, nbytes=nbytes)
-                except Exception as exc:  # a configuration that does not compile or run is reported
-                    logger.warning("quantize %s %s %s %s failed: %s", name, rule, rnd, cfg, exc)
-                    record(name, rows, cols, **base, config=cfg, error=f"{type(exc).__name__}: {exc}"[:500],
-                           nbytes=0)
-                    continue
-                if not opts:
-                    t = time_cuda(lambda: quantize_triton(xs[0], rule, round=rnd, uniform=uu, validate=False,
-                                                          amax=amaxes[0]))
-                    record(name, rows, cols, **base, timing="call", config=cfg, seconds=t, nbytes=nbytes)
-                    t = time_cuda(lambda: quantize_triton(xs[0], rule, round=rnd, uniform=uu))
-                    record(name, rows, cols, **base, timing="validated", config=cfg, seconds=t, nbytes=nbytes)
-
+        refs = {(rule, rnd): nv.quantize(xs[0], rule, round=rnd, uniform=u if rnd == "stochastic" else None)
+                for rule, rnd in quant_ops}
         qs = [quantize_triton(x, "mse", validate=False, amax=a) for x, a in zip(xs, amaxes)]
-        d_bytes = n // 2 + n // 16 + n * 2
         for dt in (torch.bfloat16, torch.float32):
-            nbytes = d_bytes + (n * 2 if dt == torch.float32 else 0)
-            ref = nv.dequantize(qs[0], dt)
-            configs = [{}] + (DEQUANT_SWEEP if sweep and dt == torch.bfloat16 else [])
-            for opts in configs:
-                if opts and not budget.left():
-                    budget.skipped += 1
-                    continue
-                base = {"op": f"dequantize_{str(dt)[6:]}", "default": not opts}
-                try:
-                    cfg = _config_of(True, pcol, opts)
-                except ValueError as exc:
-                    record(name, rows, cols, **base, config=opts, not_applicable=str(exc), nbytes=0)
-                    continue
-                try:
-                    exact = _same(dequantize_triton(qs[0], dt, **opts), ref) == 0
-                    fns = [lambda q=q: dequantize_triton(q, dt, **opts) for q in qs]
-                    t = time_graph(fns)
-                    record(name, rows, cols, **base, timing="kernel_graph", config=cfg, exact=exact,
-                           seconds=t, nbytes=nbytes)
-                except Exception as exc:
-                    logger.warning("dequantize %s %s %s failed: %s", name, dt, cfg, exc)
-                    record(name, rows, cols, **base, config=cfg, error=f"{type(exc).__name__}: {exc}"[:500],
-                           nbytes=0)
-                    continue
-                if not opts:
-                    t = time_cuda(lambda: dequantize_triton(qs[0], dt))
-                    record(name, rows, cols, **base, timing="call", config=cfg, seconds=t, nbytes=nbytes)
+            refs[dt] = nv.dequantize(qs[0], dt)
+        data[shape] = (xs, amaxes, u, refs, qs)
+
+    def time_quantize(shape: tuple, rule: str, rnd: str, opts: dict) -> None:
+        name, rows, cols = shape
+        xs, amaxes, u, refs, _ = data[shape]
+        n = rows * cols
+        uu = u if rnd == "stochastic" else None
+        nbytes = n * 2 + n // 2 + n // 16 + (n * 4 if uu is not None else 0)
+        base = {"op": "quantize", "rule": rule, "round": rnd, "default": not opts}
+        try:
+            cfg = _config_of(False, nv.padded_shape(rows, cols)[1], opts)
+        except ValueError as exc:
+            record(shape, **base, config=opts, not_applicable=str(exc), nbytes=0)
+            return
+        try:
+            qt = quantize_triton(xs[0], rule, round=rnd, uniform=uu, validate=False, amax=amaxes[0], **opts)
+            ref = refs[(rule, rnd)]
+            exact = _same(qt.values, ref.values) == 0 and _same(qt.scale_factors, ref.scale_factors) == 0
+            fns = [lambda x=x, a=a: quantize_triton(x, rule, round=rnd, uniform=uu, validate=False, amax=a, **opts)
+                   for x, a in zip(xs, amaxes)]
+            record(shape, **base, timing="kernel_graph", config=cfg, exact=exact, seconds=time_graph(fns),
+                   nbytes=nbytes)
+        except Exception as exc:  # a configuration that does not compile or run is reported
+            logger.warning("quantize %s %s %s %s failed: %s", name, rule, rnd, cfg, exc)
+            record(shape, **base, config=cfg, error=f"{type(exc).__name__}: {exc}"[:500], nbytes=0)
+            return
+        if not opts:
+            t = time_cuda(lambda: quantize_triton(xs[0], rule, round=rnd, uniform=uu, validate=False, amax=amaxes[0]))
+            record(shape, **base, timing="call", config=cfg, seconds=t, nbytes=nbytes)
+            t = time_cuda(lambda: quantize_triton(xs[0], rule, round=rnd, uniform=uu))
+            record(shape, **base, timing="validated", config=cfg, seconds=t, nbytes=nbytes)
+
+    def time_dequantize(shape: tuple, dt: torch.dtype, opts: dict) -> None:
+        name, rows, cols = shape
+        _, _, _, refs, qs = data[shape]
+        n = rows * cols
+        nbytes = n // 2 + n // 16 + n * dt.itemsize
+        base = {"op": f"dequantize_{str(dt)[6:]}", "default": not opts}
+        try:
+            cfg = _config_of(True, nv.padded_shape(rows, cols)[1], opts)
+        except ValueError as exc:
+            record(shape, **base, config=opts, not_applicable=str(exc), nbytes=0)
+            return
+        try:
+            exact = _same(dequantize_triton(qs[0], dt, **opts), refs[dt]) == 0
+            fns = [lambda q=q: dequantize_triton(q, dt, **opts) for q in qs]
+            record(shape, **base, timing="kernel_graph", config=cfg, exact=exact, seconds=time_graph(fns),
+                   nbytes=nbytes)
+        except Exception as exc:
+            logger.warning("dequantize %s %s %s failed: %s", name, dt, cfg, exc)
+            record(shape, **base, config=cfg, error=f"{type(exc).__name__}: {exc}"[:500], nbytes=0)
+            return
+        if not opts:
+            t = time_cuda(lambda: dequantize_triton(qs[0], dt))
+            record(shape, **base, timing="call", config=cfg, seconds=t, nbytes=nbytes)
+
+    for shape in BENCH_SHAPES:
+        for rule, rnd in quant_ops:
+            time_quantize(shape, rule, rnd, {})
+        for dt in (torch.bfloat16, torch.float32):
+            time_dequantize(shape, dt, {})
         # for scale: the pure-PyTorch reference on the same input
-        t = time_cuda(lambda: nv.quantize(xs[0], "mse"), reps=2, repeats=3)
-        record(name, rows, cols, op="reference_quantize_torch", rule="mse", timing="call", seconds=t,
-               nbytes=q_bytes)
+        name, rows, cols = shape
+        x0 = data[shape][0][0]
+        t = time_cuda(lambda: nv.quantize(x0, "mse"), reps=2, repeats=3)
+        record(shape, op="reference_quantize_torch", rule="mse", timing="call", seconds=t,
+               nbytes=rows * cols * 2 + rows * cols // 2 + rows * cols // 16)
+    if not sweep:
+        return out
+    for opts in QUANT_SWEEP:
+        for shape in BENCH_SHAPES:
+            for rule in ("static_6", "mse"):
+                if budget.left():
+                    time_quantize(shape, rule, "nearest", opts)
+                else:
+                    budget.skipped += 1
+    for opts in DEQUANT_SWEEP:
+        for shape in BENCH_SHAPES:
+            if budget.left():
+                time_dequantize(shape, torch.bfloat16, opts)
+            else:
+                budget.skipped += 1
     return out
 
 
@@ -467,8 +491,8 @@ def main() -> int:
     """Run the checks and timings; exit code 1 if any bit mismatch was found."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-sweep", action="store_true", help="skip the tile / warp sweep")
-    parser.add_argument("--budget", type=float, default=165.0,
-                        help="seconds after which remaining sweep entries are skipped (default 165)")
+    parser.add_argument("--budget", type=float, default=150.0,
+                        help="seconds after which remaining sweep entries are skipped (default 150)")
     parser.add_argument("--sass", action="store_true",
                         help="only compile the default kernels for sm_90 offline and count SASS instructions "
                              "per element (no GPU needed)")
