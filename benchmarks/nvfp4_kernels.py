@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from longlive.quant import nvfp4 as nv  # noqa: E402
 from longlive.quant.nvfp4_triton import (  # noqa: E402
+    _device_sms,
     _resolve_config,
+    _row_tiles,
     dequantize_triton,
     quantize_triton,
     verify_conversions,
@@ -46,9 +48,11 @@ logger = logging.getLogger("nvfp4_kernels")
 RULES = ["static_6", "static_4", "mse", "mae", "abs_max"]
 # (name, rows, cols): a 5B FFN weight, one KV-cache chunk of one layer (spec 7.7), one chunk's activations
 BENCH_SHAPES = [("ffn_weight", 3072, 14336), ("kv_chunk", 168960, 128), ("activation", 7040, 3072)]
+H200_SMS = 132  # --sass: default row tiles as on an H200
 ROTATE_BYTES = 256 * 2**20  # inputs cycled per graph replay: several times the 50 MB L2 of an H100/H200
 
 QUANT_SWEEP = [
+    dict(row_tiles=4),
     dict(block_rows=16, block_cols=128, num_warps=4, row_tiles=4),
     dict(block_rows=32, block_cols=128, num_warps=4, row_tiles=1),
     dict(block_rows=32, block_cols=128, num_warps=8, row_tiles=4),
@@ -59,6 +63,7 @@ QUANT_SWEEP = [
 ]
 """Alternatives to the default quantize configuration (missing keys = defaults)."""
 DEQUANT_SWEEP = [
+    dict(row_tiles=4),
     dict(block_rows=64, block_cols=128, num_warps=4, row_tiles=2),
     dict(block_rows=16, block_cols=128, num_warps=4, row_tiles=4),
     dict(block_rows=64, block_cols=128, num_warps=8, row_tiles=4),
@@ -217,10 +222,17 @@ def copy_bandwidth(device: torch.device, nbytes: int = 512 * 2**20) -> float:
     return 2 * nbytes / t
 
 
-def _config_of(dequant: bool, pcol: int, opts: dict) -> dict:
+def _config_of(dequant: bool, rows: int, cols: int, opts: dict, device: torch.device | None = None) -> dict:
+    """The configuration a call with ``opts`` uses (row_tiles as the call reduces it on ``device``)."""
+    prow, pcol = nv.padded_shape(rows, cols)
     cfg = _resolve_config(pcol, dequant, opts.get("block_rows"), opts.get("block_cols"), opts.get("num_warps"),
                           opts.get("row_tiles"), opts.get("split_blocks"))
     d = asdict(cfg)
+    if device is not None:
+        n_row_tiles = -(-rows // cfg.block_rows) if dequant else prow // cfg.block_rows
+        n_col_tiles = -(-cols // cfg.block_cols) if dequant else pcol // cfg.block_cols
+        d["row_tiles"] = _row_tiles(opts.get("row_tiles"), cfg.row_tiles, n_row_tiles, n_col_tiles,
+                                    _device_sms(device))
     d["hw_convert"] = opts.get("hw_convert", True) is not False
     return d
 
@@ -279,7 +291,7 @@ def throughput(device: torch.device, copy_bw: float, sweep: bool, budget: Budget
         nbytes = n * 2 + n // 2 + n // 16 + (n * 4 if uu is not None else 0)
         base = {"op": "quantize", "rule": rule, "round": rnd, "default": not opts}
         try:
-            cfg = _config_of(False, nv.padded_shape(rows, cols)[1], opts)
+            cfg = _config_of(False, rows, cols, opts, device)
         except ValueError as exc:
             record(shape, **base, config=opts, not_applicable=str(exc), nbytes=0)
             return
@@ -308,7 +320,7 @@ def throughput(device: torch.device, copy_bw: float, sweep: bool, budget: Budget
         nbytes = n // 2 + n // 16 + n * dt.itemsize
         base = {"op": f"dequantize_{str(dt)[6:]}", "default": not opts}
         try:
-            cfg = _config_of(True, nv.padded_shape(rows, cols)[1], opts)
+            cfg = _config_of(True, rows, cols, opts, device)
         except ValueError as exc:
             record(shape, **base, config=opts, not_applicable=str(exc), nbytes=0)
             return
@@ -392,7 +404,8 @@ def sass_instruction_counts(arch: int = 90) -> list[dict]:
 
     Uses Triton's bundled ptxas / nvdisasm; the row-tile loop body is counted ``row_tiles`` times and
     the code outside it once; the division slow path (a called subroutine) is not counted. Integer
-    arguments get Triton's divisible-by-16 specialization as for the KV-chunk shape (168960 x 128).
+    arguments get Triton's divisible-by-16 specialization as for the KV-chunk shape (168960 x 128),
+    and row_tiles is the default an H200 would use for it.
     """
     import collections
     import re
@@ -413,6 +426,8 @@ def sass_instruction_counts(arch: int = 90) -> list[dict]:
     out = []
     for op, rule, stochastic, out_kind in cases:
         cfg = _resolve_config(cols, op == "dequantize", None, None, None, None, None)
+        cfg = replace(cfg, row_tiles=_row_tiles(None, cfg.row_tiles, rows // cfg.block_rows,
+                                                cols // cfg.block_cols, H200_SMS))
         e2m1_max, e4m3_max = nv.rule_maxima(rule)
         consts = dict(BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, TILES=cfg.row_tiles,
                       R4=max(cfg.block_rows // 32, 1), E2M1_MAX=e2m1_max, E4M3_MAX=e4m3_max)

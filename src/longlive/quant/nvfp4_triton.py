@@ -645,8 +645,9 @@ class KernelConfig:
     """Columns of one tile (a power of two >= 16 dividing the padded width)."""
     num_warps: int
     row_tiles: int = 1
-    """Row tiles one program handles in a loop (amortises the per-program setup); a call uses the
-    largest divisor of its number of row tiles that does not exceed this."""
+    """Row tiles one program handles in a loop (amortises the per-program setup). A call uses the
+    largest divisor of its number of row tiles that does not exceed this; left to the default, it
+    is lowered further until the grid has about four waves of programs on the GPU."""
     split_blocks: bool = False
     """Spread each 16-block over two lanes instead of one (quantize: two 16-byte loads of a lane
     become one load each of two lanes; dequantize: one 8-element word and one store per lane)."""
@@ -687,6 +688,31 @@ def _resolve_config(
             "power of two <= 32, row_tiles >= 1"
         )
     return cfg
+
+
+_MIN_WAVES_PROGRAMS_PER_SM = 24
+"""Default row_tiles keep at least this many programs per SM (about four waves of resident
+programs), so that the last, partial wave costs little; explicit row_tiles are used as given."""
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _row_tiles(requested: int | None, default: int, n_row_tiles: int, n_col_tiles: int, sms: int | None) -> int:
+    """Row tiles per program: a divisor of n_row_tiles; by default also enough programs per SM."""
+    tiles = math.gcd(requested or default, n_row_tiles)
+    if requested is None and sms:
+        while tiles > 1 and (n_row_tiles // tiles) * n_col_tiles < _MIN_WAVES_PROGRAMS_PER_SM * sms:
+            tiles = math.gcd(tiles // 2, n_row_tiles)
+    return tiles
 
 
 @functools.lru_cache(maxsize=None)
@@ -794,7 +820,7 @@ def quantize_triton(
     cols_w = (cols + 1) // 2
     even = rows == prow and cols == pcol  # the grid covers the padding: masks only where it exists
     n_row_tiles = prow // cfg.block_rows
-    tiles = math.gcd(cfg.row_tiles, n_row_tiles)
+    tiles = _row_tiles(row_tiles, cfg.row_tiles, n_row_tiles, pcol // cfg.block_cols, _device_sms(x.device))
     grid = (n_row_tiles // tiles, pcol // cfg.block_cols)
     _quantize_kernel[grid](
         xw, u, values, sf, amax,
@@ -839,7 +865,8 @@ def dequantize_triton(
     scales = q.scale_factors.contiguous().view(torch.uint8)
     even = rows % cfg.block_rows == 0 and cols % cfg.block_cols == 0
     n_row_tiles = triton.cdiv(rows, cfg.block_rows)
-    tiles = math.gcd(cfg.row_tiles, n_row_tiles)
+    tiles = _row_tiles(row_tiles, cfg.row_tiles, n_row_tiles, triton.cdiv(cols, cfg.block_cols),
+                       _device_sms(q.values.device))
     grid = (n_row_tiles // tiles, triton.cdiv(cols, cfg.block_cols))
     _dequantize_kernel[grid](
         words, scales, amax, out,
