@@ -6,9 +6,10 @@ element, so every per-element step is one or two machine operations:
 
 - inputs are loaded as 32-bit (bf16/fp16) or 64-bit (fp32) words holding two consecutive elements
   (element 2j and 2j+1 of a row: exactly the pair that shares one output byte), split by a shift;
-- E2M1 rounding is one float addition of a "magic" power of two chosen from the exponent of the
-  scaled value (its ulp is the E2M1 step there, so the FPU's round-to-nearest-even does the work);
-  the code is read from the bits of the sum, the magnitude is the sum minus the magic number;
+- E2M1 rounding is one float addition of a "magic" number chosen from the exponent of the scaled
+  value (a power of two plus 6 ulp whose ulp is the E2M1 step there, so the FPU's
+  round-to-nearest-even does the work); the code is read from the bits of the sum, the magnitude
+  is the sum minus the magic number;
 - E2M1 and E4M3 decoding place the code bits in a float32 pattern and multiply by a power of two
   (the float32 subnormal range makes the format's subnormals come out right);
 - everything per 1x16 block (scale rounding, the one division, the four-over-six choice) is done
@@ -119,8 +120,9 @@ def _e2m1_magic(a):
 def _e2m1_magic_code(y):
     """E2M1 magnitude code (0..7) of y from :func:`_e2m1_magic` in the low 4 bits of the result.
 
-    y's bits are (149 + binade) << 23 | (6 + steps), so bits + (bits >> 22) = code + 304 (mod 2^22)
-    and 304 = 19 * 16: the low nibble is the code, the higher bits are garbage.
+    y's bits are (149 + binade) << 23 | (6 + steps), so bits + (bits >> 22) = code + 304 (mod 2^23)
+    with code = steps + 2 * binade and 304 = 19 * 16: the low nibble is the code (bit 3 clear), the
+    higher bits are garbage.
     """
     yb = y.to(tl.int32, bitcast=True)
     return yb + (yb >> 22)
