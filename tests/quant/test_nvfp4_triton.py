@@ -2,9 +2,7 @@
 
 TRITON_INTERPRET must be set before triton is imported, and setting it in the pytest process would
 leak into other tests, so the kernels run in one child process (this file executed as a script)
-that reports a JSON summary; the tests below assert on it. The interpreter runs the bit-arithmetic
-twins of the hardware conversions; the GPU tests (``gpu`` marker) check the hardware path,
-including an exhaustive comparison over every float32 bit pattern.
+that reports a JSON summary; the tests below assert on it.
 """
 
 from __future__ import annotations
@@ -20,42 +18,22 @@ import torch
 
 RESULT_TAG = "NVFP4_TRITON_RESULTS "
 
-# name -> (rows, cols, data kind, input dtype, rule, round, tile options or None = defaults)
-# tile options: block_rows, block_cols, num_warps, row_tiles, split_blocks (missing keys = defaults)
-QUANT_CASES: dict[str, tuple[int, int, str, str, str, str, dict | None]] = {
+# name -> (rows, cols, data kind, input dtype, rule, round, (block_rows, block_cols) or None = defaults)
+QUANT_CASES: dict[str, tuple[int, int, str, str, str, str, tuple[int, int] | None]] = {
     "static6_nearest_small": (3, 16, "wide", "float32", "static_6", "nearest", None),
-    "static6_nearest_odd_shape": (130, 200, "wide", "float32", "static_6", "nearest", dict(block_rows=64)),
-    "static6_bf16_in": (64, 128, "wide", "bfloat16", "static_6", "nearest", dict(block_rows=32)),
-    "static6_bf16_aligned": (256, 128, "wide", "bfloat16", "static_6", "nearest", None),
-    "static6_bf16_split": (256, 128, "wide", "bfloat16", "static_6", "nearest", dict(split_blocks=True)),
-    "static6_bf16_tiles_gcd": (336, 64, "gauss", "bfloat16", "static_6", "nearest",
-                               dict(block_rows=16, row_tiles=6)),
-    "static6_bf16_wide_tile": (128, 512, "wide", "bfloat16", "static_6", "nearest",
-                               dict(block_rows=8, block_cols=256, num_warps=8)),
-    "static6_bf16_odd_cols": (33, 47, "wide", "bfloat16", "static_6", "nearest", None),
-    "static6_fp16_in": (40, 96, "wide", "float16", "static_6", "nearest", dict(block_cols=32)),
-    "static4_nearest": (40, 96, "wide", "float32", "static_4", "nearest", dict(block_rows=64, block_cols=64)),
+    "static6_nearest_odd_shape": (130, 200, "wide", "float32", "static_6", "nearest", (64, 128)),
+    "static6_bf16_in": (64, 128, "wide", "bfloat16", "static_6", "nearest", (32, 128)),
+    "static4_nearest": (40, 96, "wide", "float32", "static_4", "nearest", (64, 64)),
     "mse_nearest": (100, 80, "wide", "float32", "mse", "nearest", None),
-    "mse_nearest_bf16_in": (128, 128, "gauss", "bfloat16", "mse", "nearest", dict(block_rows=128, block_cols=64)),
-    "mse_bf16_split_tiles": (256, 128, "wide", "bfloat16", "mse", "nearest",
-                             dict(block_rows=32, row_tiles=2, split_blocks=True)),
-    "mae_nearest": (50, 64, "wide", "float32", "mae", "nearest", dict(block_rows=64, block_cols=64)),
-    "mae_bf16_split": (64, 64, "wide", "bfloat16", "mae", "nearest", dict(split_blocks=True)),
-    "abs_max_nearest": (50, 64, "wide", "float32", "abs_max", "nearest", dict(block_rows=64, block_cols=64)),
-    "abs_max_bf16_split": (64, 128, "gauss", "bfloat16", "abs_max", "nearest", dict(split_blocks=True)),
-    "static6_stochastic": (60, 72, "wide", "float32", "static_6", "stochastic", dict(block_rows=64)),
-    "static6_stochastic_bf16_odd": (31, 45, "wide", "bfloat16", "static_6", "stochastic", None),
+    "mse_nearest_bf16_in": (128, 128, "gauss", "bfloat16", "mse", "nearest", (128, 64)),
+    "mae_nearest": (50, 64, "wide", "float32", "mae", "nearest", (64, 64)),
+    "abs_max_nearest": (50, 64, "wide", "float32", "abs_max", "nearest", (64, 64)),
+    "static6_stochastic": (60, 72, "wide", "float32", "static_6", "stochastic", (64, 128)),
     "mse_stochastic": (60, 72, "wide", "float32", "mse", "stochastic", None),
-    "mse_stochastic_bf16_split": (128, 128, "wide", "bfloat16", "mse", "stochastic", dict(split_blocks=True)),
-    "abs_max_stochastic": (33, 48, "gauss", "float16", "abs_max", "stochastic", dict(block_rows=64, block_cols=64)),
+    "abs_max_stochastic": (33, 48, "gauss", "float16", "abs_max", "stochastic", (64, 64)),
     "exact_ties": (1, 32, "ties", "float32", "static_6", "nearest", None),
-    "exact_ties_bf16": (1, 32, "ties", "bfloat16", "mse", "nearest", None),
-    "all_zero_mse": (7, 40, "zero", "float32", "mse", "nearest", dict(block_rows=128, block_cols=64)),
-    "float64_in": (20, 48, "wide", "float64", "mse", "nearest", None),
+    "all_zero_mse": (7, 40, "zero", "float32", "mse", "nearest", (128, 64)),
 }
-DEQUANT_TILES = [None, dict(block_rows=16, row_tiles=3, split_blocks=False),
-                 dict(block_rows=128, block_cols=64, num_warps=8)]
-"""Tile options of dequantize_triton tried on every case (all padded widths are multiples of 64)."""
 
 
 def _data(rows: int, cols: int, kind: str, dtype: str, seed: int) -> torch.Tensor:
@@ -76,75 +54,48 @@ def _data(rows: int, cols: int, kind: str, dtype: str, seed: int) -> torch.Tenso
     return x.to(getattr(torch, dtype))
 
 
-def _boundary_bit_ranges() -> list[tuple[int, int]]:
-    """float32 bit-pattern windows for the interpreter's conversion check.
-
-    Every pattern within 2^14 of each rounding boundary of E4M3 / E2M1 (and their negatives), plus
-    the first and last 2048 patterns of every binade (all exponents, both signs).
-    """
-    def bits(v: float) -> int:
-        return int(torch.tensor([v], dtype=torch.float32).view(torch.int32)) & 0xFFFFFFFF
-
-    e4 = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-    points = [0.0, 2.0**-10, 2.0**-9, 2.0**-6, 448.0, 464.0] + [float(v) for v in (e4[1:] + e4[:-1]) / 2][::9]
-    points += [0.25, 0.5, 0.75, 1.0, 1.25, 1.75, 2.0, 2.5, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0]
-    ranges = []
-    for v in points:
-        for sign in (0, 1 << 31):
-            b = bits(v) | sign
-            ranges.append((max(b - (1 << 14), sign), b + (1 << 14)))
-    for sign in (0, 1 << 31):
-        for e in range(256):
-            base = sign | (e << 23)
-            ranges += [(base, base + 2048), (base + (1 << 23) - 2048, base + (1 << 23))]
-    return ranges
-
-
 def _child() -> dict[str, object]:
     """Run every kernel check under the interpreter; returns a JSON-able summary.
 
     Needs the module globals set up in the __main__ block (triton imported in interpret mode).
     """
     out: dict[str, object] = {}
-    out["conversions"] = nt.verify_conversions("cpu", _boundary_bit_ranges(), chunk=1 << 20)
+    # float32 -> E4M3 / bfloat16 rounding helpers on every E4M3 value, midpoint, and neighbours
+    grid = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (grid[1:] + grid[:-1]) / 2
+    p = torch.cat([grid, mids, torch.nextafter(mids, torch.zeros_like(mids)),
+                   torch.nextafter(mids, torch.full_like(mids, 500.0)),
+                   torch.rand(2000, generator=torch.Generator().manual_seed(0)) * 448,
+                   10.0 ** (torch.rand(2000, generator=torch.Generator().manual_seed(1)) * 6 - 5)])
+    p = p.clamp(max=448.0).contiguous()
+    code = torch.empty(p.numel(), dtype=torch.int32)
+    val = torch.empty_like(p)
+    bf = torch.empty(p.numel(), dtype=torch.int16)
+    _probe[(triton.cdiv(p.numel(), 1024),)](p, code, val, bf, p.numel(), BLOCK=1024)
+    ref8 = p.to(torch.float8_e4m3fn)
+    out["e4m3_codes"] = bool(torch.equal(code, ref8.view(torch.uint8).to(torch.int32)))
+    out["e4m3_values"] = bool(torch.equal(val, ref8.float()))
+    bf_in = torch.cat([p, -p, torch.randn(2000) * 1e3])
+    bf_out = torch.empty(bf_in.numel(), dtype=torch.int16)
+    _probe[(triton.cdiv(bf_in.numel(), 1024),)](bf_in, torch.empty(bf_in.numel(), dtype=torch.int32),
+                                               torch.empty_like(bf_in), bf_out, bf_in.numel(), BLOCK=1024)
+    high = torch.randint(0, 0x7F7F, (500,), dtype=torch.int32, generator=torch.Generator().manual_seed(2))
+    ties = (high << 16 | 0x8000).view(torch.float32)  # exactly halfway between two bfloat16 values
+    bf_ties = torch.empty(500, dtype=torch.int16)
+    _probe[(1,)](ties, torch.empty(500, dtype=torch.int32), torch.empty_like(ties), bf_ties, 500, BLOCK=512)
+    out["bf16_rounding"] = bool(torch.equal(bf_out, bf_in.to(torch.bfloat16).view(torch.int16))) and bool(
+        torch.equal(bf_ties, ties.to(torch.bfloat16).view(torch.int16)))
 
-    # the per-block helpers other kernels build on (_candidate, _block_error) vs the reference's
-    for rule_id, rule in ((1, "mse"), (2, "mae"), (3, "abs_max")):
-        for stochastic in (False, True):
-            x = _data(16, 64, "wide", "float32", seed=7 + rule_id)
-            blocks = x.reshape(16, 4, 16)
-            u = torch.rand(blocks.shape, generator=torch.Generator().manual_seed(rule_id))
-            amax = x.abs().amax().reshape(1)
-            sc = nv.tensor_scales(amax, rule)
-            codes = torch.empty(blocks.shape, dtype=torch.int32)
-            sb_code = torch.empty(16, 4, dtype=torch.int32)
-            deq = torch.empty(blocks.shape)
-            err = torch.empty(16, 4)
-            _helper_probe[(1,)](blocks, u, sc.block_encode_four, sc.decode, codes, sb_code, deq, err,
-                                RULE=rule_id, STOCHASTIC=stochastic, BLOCK_R=16, NB=4)
-            bmax = blocks.abs().amax(-1)
-            rc, rsb, rdeq = nv._candidate(blocks, bmax, sc.block_encode_four, sc.decode, u if stochastic else None)
-            rerr = nv._block_error(rdeq - blocks, rule, order_invariant=False)
-            out[f"helpers_{rule}_{'stochastic' if stochastic else 'nearest'}"] = {
-                "codes": bool(torch.equal(codes, rc.to(torch.int32))),
-                "scales": bool(torch.equal(sb_code, rsb.view(torch.uint8).to(torch.int32))),
-                "deq": bool(torch.equal(deq.view(torch.int32), rdeq.view(torch.int32))),
-                "err": bool(torch.equal(err.view(torch.int32), rerr.view(torch.int32))),
-            }
-
-    for i, (name, (rows, cols, kind, dtype, rule, rnd, tiles)) in enumerate(QUANT_CASES.items()):
+    for i, (name, (rows, cols, kind, dtype, rule, rnd, block)) in enumerate(QUANT_CASES.items()):
+        br, bc = block or (None, None)
         x = _data(rows, cols, kind, dtype, seed=i)
         u = torch.rand(x.shape, generator=torch.Generator().manual_seed(100 + i)) if rnd == "stochastic" else None
         qr = nv.quantize(x, rule, round=rnd, uniform=u)
-        qt = nt.quantize_triton(x, rule, round=rnd, uniform=u, **(tiles or {}))
+        qt = nt.quantize_triton(x, rule, round=rnd, uniform=u, block_rows=br, block_cols=bc)
         deq = {}
         for dt in (torch.float32, torch.bfloat16, torch.float16):
-            for j, dtiles in enumerate(DEQUANT_TILES):
-                if j and dt != torch.bfloat16:
-                    continue  # other tile shapes with the bf16 output only (time)
-                a, b = nt.dequantize_triton(qr, dt, **(dtiles or {})), nv.dequantize(qr, dt)
-                ok = bool(torch.equal(a.view(torch.uint8), b.view(torch.uint8))) and not bool(torch.isnan(a).any())
-                deq[f"{str(dt)[6:]}_{j}"] = ok
+            a, b = nt.dequantize_triton(qr, dt, block_rows=br, block_cols=bc), nv.dequantize(qr, dt)
+            deq[str(dt)] = bool(torch.equal(a, b)) and not bool(torch.isnan(a).any())
         out[name] = {
             "values": bool(torch.equal(qt.values, qr.values)),
             "value_mismatches": int((qt.values != qr.values).sum()),
@@ -158,22 +109,6 @@ def _child() -> dict[str, object]:
     qt = nt.quantize_triton(x, "mse", validate=False, amax=qr.amax.clone())
     out["given_amax"] = bool(torch.equal(qt.values, qr.values)) and bool(
         torch.equal(qt.scale_factors.view(torch.uint8), qr.scale_factors.view(torch.uint8)))
-    xs = _data(40, 96, "wide", "float32", seed=98)[:, 8:88]  # row stride 96, offset 8: not a packed view
-    qr = nv.quantize(xs, "static_6")
-    qt = nt.quantize_triton(xs, "static_6")
-    out["strided_input"] = bool(torch.equal(qt.values, qr.values)) and bool(
-        torch.equal(qt.scale_factors.view(torch.uint8), qr.scale_factors.view(torch.uint8)))
-    limit = nt._INT32_LIMIT
-    nt._INT32_LIMIT = 0  # force the int64 indexing of tensors past 2^31 elements on a small one
-    try:
-        x = _data(130, 200, "wide", "bfloat16", seed=97)
-        qr = nv.quantize(x, "mse")
-        qt = nt.quantize_triton(x, "mse")
-        out["index64"] = bool(torch.equal(qt.values, qr.values)) and bool(
-            torch.equal(qt.scale_factors.view(torch.uint8), qr.scale_factors.view(torch.uint8))) and bool(
-            torch.equal(nt.dequantize_triton(qr).view(torch.int16), nv.dequantize(qr, torch.bfloat16).view(torch.int16)))
-    finally:
-        nt._INT32_LIMIT = limit
     bad = torch.randn(4, 32)
     bad[0, 0] = float("nan")
     try:
@@ -181,16 +116,6 @@ def _child() -> dict[str, object]:
         out["rejects_nan"] = False
     except ValueError as exc:
         out["rejects_nan"] = "1 of 128 values are not finite" in str(exc)
-    try:
-        nt.quantize_triton(torch.randn(4, 32), hw_convert=True)
-        out["rejects_hw_on_cpu"] = False
-    except ValueError:
-        out["rejects_hw_on_cpu"] = True
-    try:
-        nt.quantize_triton(torch.randn(4, 64), block_rows=48)
-        out["rejects_bad_tile"] = False
-    except ValueError as exc:
-        out["rejects_bad_tile"] = "block_rows" in str(exc)
     return out
 
 
@@ -199,7 +124,7 @@ def interpreter_results() -> dict[str, object]:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=300
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
     assert proc.returncode == 0 and lines, (
@@ -208,18 +133,10 @@ def interpreter_results() -> dict[str, object]:
     return json.loads(lines[-1][len(RESULT_TAG):])
 
 
-def test_conversion_helpers_match_torch_bit_for_bit(interpreter_results: dict) -> None:
-    """E4M3 / bfloat16 / E2M1 rounding and decoding twins on every pattern near every boundary."""
-    conv = interpreter_results["conversions"]
-    assert conv["values"] > 2_000_000
-    assert {k: v for k, v in conv.items() if k.endswith("_mismatches") and v} == {}
-
-
-@pytest.mark.parametrize("case", ["mse", "mae", "abs_max"])
-@pytest.mark.parametrize("rnd", ["nearest", "stochastic"])
-def test_block_helpers_match_reference(interpreter_results: dict, case: str, rnd: str) -> None:
-    r = interpreter_results[f"helpers_{case}_{rnd}"]
-    assert all(r.values()), r
+def test_e4m3_and_bf16_bit_rounding_match_torch(interpreter_results: dict) -> None:
+    assert interpreter_results["e4m3_codes"]
+    assert interpreter_results["e4m3_values"]
+    assert interpreter_results["bf16_rounding"]
 
 
 @pytest.mark.parametrize("case", list(QUANT_CASES))
@@ -227,16 +144,12 @@ def test_triton_quantize_and_dequantize_bit_exact(interpreter_results: dict, cas
     r = interpreter_results[case]
     assert r["values"], r
     assert r["scales"] and r["amax"] and r["metadata"], r
-    assert r["dequant"] and all(r["dequant"].values()), r
+    assert all(r["dequant"].values()), r
 
 
-def test_triton_wrapper_checks(interpreter_results: dict) -> None:
+def test_triton_wrapper_rejects_nan_and_accepts_given_amax(interpreter_results: dict) -> None:
     assert interpreter_results["rejects_nan"]
     assert interpreter_results["given_amax"]
-    assert interpreter_results["strided_input"]
-    assert interpreter_results["index64"]
-    assert interpreter_results["rejects_hw_on_cpu"]
-    assert interpreter_results["rejects_bad_tile"]
 
 
 def test_cpu_tensor_without_interpreter_gets_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,43 +161,22 @@ def test_cpu_tensor_without_interpreter_gets_a_clear_error(monkeypatch: pytest.M
         nt.quantize_triton(torch.randn(4, 32))
 
 
-GPU_TILES = [None, dict(split_blocks=True), dict(split_blocks=False), dict(block_rows=16, row_tiles=3),
-             dict(block_rows=64, num_warps=8)]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("rule", ["static_6", "mse", "abs_max"])
 @pytest.mark.parametrize("rnd", ["nearest", "stochastic"])
-@pytest.mark.parametrize("tiles", range(len(GPU_TILES)))
-def test_cuda_kernels_bit_exact(rule: str, rnd: str, tiles: int) -> None:
+def test_cuda_kernels_bit_exact(rule: str, rnd: str) -> None:
     pytest.importorskip("triton")
     from longlive.quant import nvfp4 as nv
     from longlive.quant import nvfp4_triton as nt
 
-    opts = GPU_TILES[tiles] or {}
-    for rows, cols in ((300, 520), (512, 256)):
-        x = _data(rows, cols, "wide", "bfloat16", seed=3).cuda()
-        u = torch.rand(x.shape, device="cuda") if rnd == "stochastic" else None
-        qr = nv.quantize(x, rule, round=rnd, uniform=u)
-        for hw in (False, None):
-            qt = nt.quantize_triton(x, rule, round=rnd, uniform=u, hw_convert=hw, **opts)
-            assert torch.equal(qt.values, qr.values)
-            assert torch.equal(qt.scale_factors.view(torch.uint8), qr.scale_factors.view(torch.uint8))
-        for dt in (torch.float32, torch.bfloat16, torch.float16):
-            for hw in (False, None):
-                got = nt.dequantize_triton(qr, dt, hw_convert=hw, **opts)
-                assert torch.equal(got.view(torch.uint8), nv.dequantize(qr, dt).view(torch.uint8))
-
-
-@pytest.mark.gpu
-def test_cuda_conversions_exhaustive() -> None:
-    """Hardware and bit-arithmetic conversions vs torch on every finite float32 pattern (2^32)."""
-    pytest.importorskip("triton")
-    from longlive.quant import nvfp4_triton as nt
-
-    conv = nt.verify_conversions("cuda")
-    assert conv["values"] > 4_000_000_000
-    assert {k: v for k, v in conv.items() if k.endswith("_mismatches") and v} == {}
+    x = _data(300, 520, "wide", "bfloat16", seed=3).cuda()
+    u = torch.rand(x.shape, device="cuda") if rnd == "stochastic" else None
+    qr = nv.quantize(x, rule, round=rnd, uniform=u)
+    qt = nt.quantize_triton(x, rule, round=rnd, uniform=u)
+    assert torch.equal(qt.values, qr.values)
+    assert torch.equal(qt.scale_factors.view(torch.uint8), qr.scale_factors.view(torch.uint8))
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(nt.dequantize_triton(qr, dt), nv.dequantize(qr, dt))
 
 
 if __name__ == "__main__":
@@ -297,19 +189,13 @@ if __name__ == "__main__":
     from longlive.quant import nvfp4_triton as nt
 
     @triton.jit
-    def _helper_probe(x_ptr, u_ptr, k_ptr, dec_ptr, codes_ptr, sb_ptr, deq_ptr, err_ptr,
-                      RULE: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_R: tl.constexpr, NB: tl.constexpr):
-        i = tl.arange(0, BLOCK_R)[:, None, None] * (NB * 16) + tl.arange(0, NB)[None, :, None] * 16
-        offs = i + tl.arange(0, 16)[None, None, :]
-        xb = tl.load(x_ptr + offs)
-        u = tl.load(u_ptr + offs)
-        bmax = tl.max(tl.abs(xb), axis=2)
-        dec = tl.load(dec_ptr)
-        codes, sb_code, deq = nt._candidate(xb, bmax, tl.load(k_ptr), dec, u, STOCHASTIC)
-        tl.store(codes_ptr + offs, codes)
-        tl.store(deq_ptr + offs, deq)
-        so = tl.arange(0, BLOCK_R)[:, None] * NB + tl.arange(0, NB)[None, :]
-        tl.store(sb_ptr + so, sb_code)
-        tl.store(err_ptr + so, nt._block_error(deq - xb, RULE, BLOCK_R, NB))
+    def _probe(p_ptr, code_ptr, val_ptr, bf_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        p = tl.load(p_ptr + offs, mask=m, other=0.0)
+        code, val = nt._e4m3_round(p)
+        tl.store(code_ptr + offs, code, mask=m)
+        tl.store(val_ptr + offs, val, mask=m)
+        tl.store(bf_ptr + offs, nt._bf16_bits(p), mask=m)
 
     print(RESULT_TAG + json.dumps(_child()), flush=True)
