@@ -16,12 +16,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import time
 
 import torch
 
 from longlive.diffusion.samplers import FlowUniPCSampler
+from report import commit
 from longlive.models.wan import KVCache, WanConfig, WanModel
 
 
@@ -147,12 +147,7 @@ def main() -> None:
     env = {"torch": torch.__version__}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
-    env["commit"] = os.environ.get("LONGLIVE_COMMIT", "")
-    if not env["commit"]:
-        try:
-            env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            pass
+    env["commit"] = commit() or ""
     results = {"env": env, "runs": [bench(args, s) for s in (args.steps or [4])]}
     for r in results["runs"]:
         print(f"{r['preset']} {r['steps']}-step {r['dtype']} quant={r['quant']} kv={r['kv']}: chunk {r['chunk_s_median']*1e3:.1f} ms, "

@@ -162,9 +162,8 @@ class NVFP4Linear(nn.Linear):
                  backend: str = "emulated", device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         if backend not in ("emulated", "weight_only"):
-            ok, why = backend_status(backend)
-            raise RuntimeError(f"NVFP4 backend {backend!r} is not available: {why}") if not ok else RuntimeError(
-                f"NVFP4Linear runs the emulated and weight_only backends; {backend!r} uses quantize_model(..., backend=...)")
+            raise ValueError(f"NVFP4Linear runs the 'emulated' and 'weight_only' backends; for {backend!r} use "
+                             f"quantize_model(..., backend={backend!r}), which checks its availability")
         if in_features % nv.BLOCK_SIZE:
             raise ValueError(f"NVFP4Linear: in_features={in_features} is not a multiple of {nv.BLOCK_SIZE}")
         self.recipe, self.backend = recipe, backend
