@@ -161,3 +161,37 @@ class SequenceParallel:
             return sequence_to_heads(masked_attention(q, k, v, mask), group, sp)
 
         return attend
+
+
+class UlyssesGroup:
+    """A sequence-parallel group for cached inference (spec 4): rank r of `size` holds frames
+    `[r*F/size, (r+1)*F/size)` of every chunk and heads `[r*H/size, (r+1)*H/size)` of the KV cache.
+
+    Per layer, Q, K, V go from tokens to heads in one all-to-all, attention runs over the head-sharded
+    cache with all of the chunk's tokens, and the output comes back in a second all-to-all; after the
+    head, `gather_tokens` gives every rank the whole chunk (it runs the sampler step itself).
+    """
+
+    def __init__(self, group, size: int, rank: int) -> None:
+        if not 0 <= rank < size:
+            raise ValueError(f"UlyssesGroup: rank {rank} is not in [0, {size})")
+        self.group, self.size, self.rank = group, size, rank
+
+    def frame_range(self, frames: int) -> tuple[int, int]:
+        """This rank's frames of a chunk of `frames` latent frames."""
+        if frames % self.size:
+            raise ValueError(f"sequence parallel: {self.size} ranks cannot split a chunk of {frames} frames into whole frames")
+        n = frames // self.size
+        return self.rank * n, (self.rank + 1) * n
+
+    def attend(self, cache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Local-token q, k, v `[B, S/sp, H, D]` -> attention over the head-sharded `cache` -> `[B, S/sp, H, D]`."""
+        q, k, v = qkv_to_sequence(q, k, v, self.group, self.size)
+        return sequence_to_heads(cache.attend(layer, q, k, v), self.group, self.size)
+
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, S/sp, ...]` on every rank -> `[B, S, ...]` (tokens in rank order) on every rank."""
+        x = x.contiguous()
+        out = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x, group=self.group)  # rank blocks stacked along dim 0
+        return out.unflatten(0, (self.size, x.shape[0])).movedim(0, 1).flatten(1, 2)

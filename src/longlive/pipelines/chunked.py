@@ -7,8 +7,10 @@ decode) and stored. Latents use the DiT layout `[B, C, F, H, W]` throughout.
 """
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -40,6 +42,52 @@ class ChunkedOptions:
 ChunkCallback = Callable[[int, torch.Tensor], None]
 
 
+class PhaseTimer:
+    """Seconds of named phases, one entry per occurrence (per chunk). On CUDA each phase is bracketed by
+    events on the current stream (no synchronisation, so work on other streams, such as an asynchronous
+    VAE decode, still overlaps); elsewhere by wall time. Disabled, it costs nothing."""
+
+    def __init__(self, enabled: bool = True, device: torch.device | str | None = None) -> None:
+        self.enabled = enabled
+        self.device = torch.device(device) if device is not None else None
+        self._pending: dict[str, list] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        if self.device is not None and self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._pending.setdefault(name, []).append((start, end))
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._pending.setdefault(name, []).append(time.perf_counter() - t0)
+
+    @property
+    def seconds(self) -> dict[str, list[float]]:
+        """Per-phase durations in seconds (waits for the recorded events)."""
+        out = {}
+        for name, items in self._pending.items():
+            vals = []
+            for it in items:
+                if isinstance(it, tuple):
+                    it[1].synchronize()
+                    vals.append(it[0].elapsed_time(it[1]) / 1000.0)
+                else:
+                    vals.append(it)
+            out[name] = vals
+        return out
+
+
 @dataclass(frozen=True)
 class ChunkTrace:
     """Cache state after a chunk, per sample: what the next chunk sees (for tests and debugging)."""
@@ -63,6 +111,8 @@ def generate_latents(
     image_latent: torch.Tensor | None = None,
     on_chunk: ChunkCallback | None = None,
     trace: list["ChunkTrace"] | None = None,
+    sequence_parallel: Any = None,
+    timer: "PhaseTimer | None" = None,
 ) -> torch.Tensor:
     """Generate latents `[B, C, F, H, W]` from `noise` (same shape) and per-chunk prompt embeddings.
 
@@ -71,6 +121,9 @@ def generate_latents(
     negative_embeds: `[B, L, text_dim]`, required when guidance_scale != 1 (a second KV cache is
     allocated only then). image_latent: `[B, C, 1, H, W]` for image-to-video (frame 0 clamped).
     trace: if a list is given, one `ChunkTrace` per chunk is appended (cache state after the chunk).
+    sequence_parallel: a `longlive.parallel.sequence.UlyssesGroup`: every rank of the group calls this
+    with the same inputs and gets the same latents, computing its share of every chunk (spec 4).
+    timer: a `PhaseTimer` that records the seconds of each chunk's denoising steps ("dit") and refresh.
     """
     b, c, f, h, w = noise.shape
     n = options.chunk_frames
@@ -96,7 +149,8 @@ def generate_latents(
                     rope_offset_per_shot=options.multi_shot_rope_offset, t_scale=options.t_scale,
                     shot_clean_recache=options.shot_clean_recache, max_frames=f, dtype=noise.dtype, device=noise.device,
                     kv_quant=options.kv_quant, kv_quant_rule=options.kv_quant_scale_rule,
-                    key_smoothing=options.kv_quant_key_smoothing, kv_quant_backend=options.kv_quant_backend)
+                    key_smoothing=options.kv_quant_key_smoothing, kv_quant_backend=options.kv_quant_backend,
+                    head_shards=1 if sequence_parallel is None else sequence_parallel.size)
     caches = [KVCache.for_model(model.config, **cache_kw)]
     if use_cfg:
         caches.append(KVCache.for_model(model.config, **cache_kw))
@@ -105,10 +159,13 @@ def generate_latents(
     out = torch.empty_like(noise)
     zeros_t = torch.zeros(b, n, device=noise.device)
 
+    sp = sequence_parallel
+    timer = timer or PhaseTimer(enabled=False)
+
     def velocity(x, t, k):
-        v = model(x, t, prompt_embeds[:, k], kv_cache=caches[0])
+        v = model(x, t, prompt_embeds[:, k], kv_cache=caches[0], sequence_parallel=sp)
         if use_cfg:
-            v_u = model(x, t, negative_embeds, kv_cache=caches[1])
+            v_u = model(x, t, negative_embeds, kv_cache=caches[1], sequence_parallel=sp)
             v = v_u + options.guidance_scale * (v - v_u)
         return v
 
@@ -119,21 +176,23 @@ def generate_latents(
         x = noise[:, :, start : start + n]
         clamp = image_latent is not None and k == 0
         sampler.reset()
-        for t in timesteps:
-            tt = torch.full((b, n), float(t), device=noise.device)
+        with timer.phase("dit"):
+            for t in timesteps:
+                tt = torch.full((b, n), float(t), device=noise.device)
+                if clamp:
+                    x = torch.cat([image_latent.to(x.dtype), x[:, :, 1:]], dim=2)
+                    tt[:, 0] = 0
+                x = sampler.step(velocity(x, tt, k), x)
             if clamp:
                 x = torch.cat([image_latent.to(x.dtype), x[:, :, 1:]], dim=2)
-                tt[:, 0] = 0
-            x = sampler.step(velocity(x, tt, k), x)
-        if clamp:
-            x = torch.cat([image_latent.to(x.dtype), x[:, :, 1:]], dim=2)
-        for cache in caches:
-            cache.prepare_refresh()
-        model(x, zeros_t, prompt_embeds[:, k], kv_cache=caches[0])
-        if use_cfg:
-            model(x, zeros_t, negative_embeds, kv_cache=caches[1])
-        for cache in caches:
-            cache.end_chunk()
+        with timer.phase("refresh"):
+            for cache in caches:
+                cache.prepare_refresh()
+            model(x, zeros_t, prompt_embeds[:, k], kv_cache=caches[0], sequence_parallel=sp)
+            if use_cfg:
+                model(x, zeros_t, negative_embeds, kv_cache=caches[1], sequence_parallel=sp)
+            for cache in caches:
+                cache.end_chunk()
         out[:, :, start : start + n] = x
         if on_chunk is not None:
             on_chunk(k, x)

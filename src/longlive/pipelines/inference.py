@@ -11,7 +11,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from ..models.wan import WanConfig, WanModel
 from ..models.wan.lora import apply_lora, load_lora_state_dict, merge_lora, read_lora_checkpoint
 from ..models.wan.state_dict import is_nvfp4_state_dict, load_state_dict, load_weights
 from .chunked import ChunkedOptions, generate_latents
+
+if TYPE_CHECKING:
+    from ..parallel.inference import InferenceParallel
 
 log = logging.getLogger(__name__)
 
@@ -208,13 +211,18 @@ class GenerationResult:
 class InferencePipeline:
     """The components of one run and the per-sample generation."""
 
-    def __init__(self, cfg: Config, generator: WanModel, text_encoder: Any, vae: Any, device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg: Config, generator: WanModel, text_encoder: Any, vae: Any, device: torch.device, dtype: torch.dtype,
+                 parallel: "InferenceParallel | None" = None):
         self.cfg, self.generator, self.text_encoder, self.vae = cfg, generator, text_encoder, vae
         self.device, self.dtype = device, dtype
         self.options = chunked_options(cfg)
+        self.sp = None if parallel is None else parallel.sp
+        self.is_writer = parallel is None or parallel.is_writer  # decodes and writes (the first rank of an SP group)
 
     @classmethod
-    def from_config(cls, cfg: Config, device: torch.device | None = None, dtype: torch.dtype | None = None) -> "InferencePipeline":
+    def from_config(cls, cfg: Config, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                    parallel: "InferenceParallel | None" = None) -> "InferencePipeline":
+        """Build the components; under sequence parallelism only the group's writer rank builds a VAE."""
         device = device or default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         generator = build_generator(cfg, device, dtype)
@@ -223,8 +231,10 @@ class InferencePipeline:
             generator.compile_blocks(compile_mode)
             log.info("generator blocks compiled (torch.compile mode=%s); the first chunks include compilation", compile_mode)
         text = build_text_encoder(cfg, generator.config, device, dtype)
-        vae = None if cfg.inference.save_latents_only and not cfg.i2v else build_vae(cfg, device, dtype)
-        return cls(cfg, generator, text, vae, device, dtype)
+        writer = parallel is None or parallel.is_writer
+        needs_vae = cfg.i2v or (writer and not cfg.inference.save_latents_only)
+        vae = build_vae(cfg, device, dtype) if needs_vae else None
+        return cls(cfg, generator, text, vae, device, dtype, parallel)
 
     def latent_shape(self) -> tuple[int, int, int, int]:
         shape = self.cfg.data.image_or_video_shape

@@ -129,14 +129,19 @@ class KVCache:
         latent_width: int,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        head_shards: int = 1,
         **kwargs,
     ) -> "KVCache":
-        """A cache sized for `config` at a latent resolution (tokens/frame = H/ph * W/pw)."""
+        """A cache sized for `config` at a latent resolution (tokens/frame = H/ph * W/pw); with
+        `head_shards=sp` it holds 1/sp of the heads (one rank of a sequence-parallel group)."""
         _, ph, pw = config.patch_size
         if latent_height % ph or latent_width % pw:
             raise ValueError(f"latent size {latent_height}x{latent_width} is not divisible by the patch size {config.patch_size}")
+        if config.num_heads % head_shards:
+            raise ValueError(f"KVCache: {head_shards} head shards do not divide the {config.num_heads} attention heads")
         return cls(
-            num_layers=config.num_layers, batch_size=batch_size, num_heads=config.num_heads, head_dim=config.head_dim,
+            num_layers=config.num_layers, batch_size=batch_size, num_heads=config.num_heads // head_shards,
+            head_dim=config.head_dim,
             tokens_per_frame=(latent_height // ph) * (latent_width // pw), dtype=dtype, device=device, **kwargs,
         )
 

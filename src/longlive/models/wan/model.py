@@ -76,6 +76,7 @@ class _Plan:
     cache: KVCache | None = None
     groups: int = 1  # token groups for per-chunk prompt routing in cross-attention
     attend: Any = None  # custom masked attention (sequence parallel), replacing `mask`
+    sp: Any = None  # UlyssesGroup of sequence-parallel cached inference (all-to-all around the cache)
 
 
 class _Projections(nn.Module):
@@ -97,7 +98,9 @@ class SelfAttention(_Projections):
         k = self.norm_k(self.k(x)).view(b, s, self.num_heads, -1)
         v = self.v(x).view(b, s, self.num_heads, -1)
         q, k = apply_rope(q, plan.cos, plan.sin), apply_rope(k, plan.cos, plan.sin)
-        if plan.cache is not None:
+        if plan.sp is not None:
+            out = plan.sp.attend(plan.cache, layer, q, k, v)
+        elif plan.cache is not None:
             out = plan.cache.attend(layer, q, k, v)
         elif plan.attend is not None:
             out = plan.attend(q, k, v)
@@ -284,6 +287,7 @@ class WanModel(nn.Module):
         kv_cache: KVCache | None = None,
         frame_positions: torch.Tensor | None = None,
         attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        sequence_parallel: Any = None,
         adapter: Any = KEEP_ADAPTERS,
     ) -> torch.Tensor:
         """Velocity for `x` (see the module docstring for the modes).
@@ -296,8 +300,13 @@ class WanModel(nn.Module):
         `adapter` selects the active LoRA adapter inside every block (None: base only); it is applied
         per block call, so activation checkpointing recomputes with the same adapter.
         A `kv_cache` forward with gradient enabled reads the cache but does not write it (DMD exit steps).
+        `sequence_parallel` (a `longlive.parallel.sequence.UlyssesGroup`, kv_cache mode only): every rank
+        passes the whole chunk and gets the whole velocity, but runs the blocks on its own frames only,
+        with a cache that holds its 1/sp of the heads (Ulysses, spec 4).
         """
         b, _, f, _, _ = x.shape
+        if sequence_parallel is not None and kv_cache is None:
+            raise ValueError("sequence_parallel is for kv_cache inference; teacher forcing passes attention=")
         if t.dim() != 2 or t.shape != (b, f):
             raise ValueError(f"t must hold one timestep per latent frame, shape [B, F] = [{b}, {f}]; got {tuple(t.shape)}")
         tokens, grid = self.embed_video(x)
@@ -319,6 +328,15 @@ class WanModel(nn.Module):
             grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
             cache = kv_cache.grad_window() if grad else kv_cache
             plan = _Plan(cos, sin, cache=cache, groups=prompts)
+            if sequence_parallel is not None and sequence_parallel.size > 1:
+                if grad:
+                    raise ValueError("sequence-parallel cached inference has no backward; run it under torch.no_grad()")
+                a, z = sequence_parallel.frame_range(frames)  # this rank's frames; tokens are frame-major
+                tokens = tokens[:, a * tokens_per_frame : z * tokens_per_frame]
+                e, e0 = e[:, a:z], e0[:, a:z]
+                plan.cos = cos[:, a * tokens_per_frame : z * tokens_per_frame]
+                plan.sin = sin[:, a * tokens_per_frame : z * tokens_per_frame]
+                plan.sp = sequence_parallel
         elif clean_x is not None:
             plan, tokens, e0 = self._teacher_forcing_plan(
                 x, clean_x, clean_t, tokens, e0, grid, prompts, chunk_frames, frame_positions, attention)
@@ -346,6 +364,8 @@ class WanModel(nn.Module):
             if frames == 0:  # a rank holding only clean frames: an empty output, still tied to every parameter
                 return self.head(h, e).reshape(b, self.config.out_dim, 0, *x.shape[3:]).to(x.dtype).clone()
         out = self.head(h, e)
+        if plan.sp is not None:
+            out = plan.sp.gather_tokens(out)
         return self.unpatchify(out, grid).to(x.dtype)
 
     def _teacher_forcing_plan(self, x, clean_x, clean_t, tokens, e0, grid, prompts, chunk_frames,
