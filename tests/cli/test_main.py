@@ -18,4 +18,4 @@ def test_subcommand_help_shows_its_own_options(name, capsys):
         main([name, "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert f"longlive {name}" in out and ("--config" in out or "merge-lora" in out)
+    assert f"longlive {name}" in out and ("--config" in out or "merge-lora" in out or "--preset" in out)

@@ -13,6 +13,7 @@ import sys
 
 # name -> (module, one-line help). Keep sorted by name.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("longlive.cli.bench", "time generation of a model preset with random weights (steady-state and end-to-end FPS, JSON)"),
     "data": ("longlive.cli.data", "training data tools (encode: videos -> latent files for training)"),
     "decode-latents": ("longlive.cli.decode_latents", "decode saved latents (.pt) to MP4 videos"),
     "export": ("longlive.cli.export", "export checkpoints (merge-lora: fold a LoRA into the generator; nvfp4: compact NVFP4 or TE weights)"),

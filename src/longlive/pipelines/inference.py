@@ -233,7 +233,10 @@ class InferencePipeline:
         text = build_text_encoder(cfg, generator.config, device, dtype)
         writer = parallel is None or parallel.is_writer
         needs_vae = cfg.i2v or (writer and not cfg.inference.save_latents_only)
-        vae = build_vae(cfg, device, dtype) if needs_vae else None
+        vae_device = device
+        if cfg.inference.streaming_vae and cfg.inference.vae_device and not cfg.i2v:
+            vae_device = torch.device(cfg.inference.vae_device)  # the "device" decode mode (background thread)
+        vae = build_vae(cfg, vae_device, dtype if vae_device.type == "cuda" else torch.float32) if needs_vae else None
         return cls(cfg, generator, text, vae, device, dtype, parallel)
 
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -247,14 +250,21 @@ class InferencePipeline:
 
     @torch.no_grad()
     def generate(self, sample: PromptSample, seed: int, out_dir: Path, stem: str, progress: bool = True) -> GenerationResult:
-        """Generate one video for `sample` and write `<stem>.mp4` (or `.pt` latents) plus `<stem>.prompts.txt`."""
+        """Generate one video for `sample` and write `<stem>.mp4` (or `.pt` latents) plus `<stem>.prompts.txt`.
+
+        Decoding follows `inference.streaming_vae` / `async_vae` / `vae_device` (`longlive.pipelines.decode`):
+        streamed modes hand each chunk's frames to the MP4 writer as they are ready. Under sequence
+        parallelism every rank of the group runs this; only the writer rank decodes and writes files.
+        """
         from tqdm import tqdm
+
+        from .decode import decode_batch, decode_mode, make_chunk_decoder
 
         c, f, h, w = self.latent_shape()
         n = self.options.chunk_frames
         if sample.num_chunks != f // n:
             raise ValueError(f"{sample.source}: {sample.num_chunks} chunk prompts for {f // n} chunks")
-        g = torch.Generator(device="cpu").manual_seed(seed)
+        g = torch.Generator(device="cpu").manual_seed(seed)  # the same noise on every rank of a group
         noise = torch.randn(1, c, f, h, w, generator=g).to(self.device, self.dtype)
         prompts = self.text_encoder.encode_chunks([sample.prompts]).to(self.device, self.dtype)
         image_latent = None
@@ -263,37 +273,41 @@ class InferencePipeline:
             if image_path is None or self.vae is None:
                 raise ValueError(f"{sample.source}: i2v needs an image per prompt (images/<stem>.png + prompts/<stem>.txt) and a VAE")
             stride = 16
-            image = load_image(Path(image_path), h * stride, w * stride).to(self.device, self.vae.dtype)
-            image_latent = self.vae.encode(image).to(self.dtype)
+            image = load_image(Path(image_path), h * stride, w * stride).to(self.vae.device, self.vae.dtype)
+            image_latent = self.vae.encode(image).to(self.device, self.dtype)
             if image_latent.shape[2] != 1:
                 raise ValueError(f"{image_path}: the image encoded to {image_latent.shape[2]} latent frames, expected 1")
         neg = None
         if self.options.guidance_scale != 1.0:
             neg = self.text_encoder.encode([self.cfg.inference.negative_prompt]).to(self.device, self.dtype)
+        inf = self.cfg.inference
+        save_latents = inf.save_latents_only
+        path = out_dir / (f"{stem}.pt" if save_latents else f"{stem}.mp4")
+        t0 = time.perf_counter()
+        if not self.is_writer:  # another rank of an SP group: its share of every chunk, no files
+            generate_latents(self.generator, noise, prompts, options=self.options, scene_cuts=[sample.scene_cuts],
+                             negative_embeds=neg, image_latent=image_latent, sequence_parallel=self.sp)
+            seconds = time.perf_counter() - t0
+            return GenerationResult(path, f, 1 + 4 * (f - 1), seconds, seconds)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{stem}.prompts.txt").write_text(
             "".join(f"{idx} {p}\n" for idx, p in prompt_runs(sample.prompts)))
-        save_latents = self.cfg.inference.save_latents_only
-        streaming = self.cfg.inference.streaming_vae and not save_latents
+        mode = "latents" if save_latents else decode_mode(inf.streaming_vae, inf.async_vae, inf.vae_device)
         writer = decoder = None
-        path = out_dir / (f"{stem}.pt" if save_latents else f"{stem}.mp4")
         if not save_latents:
             from ..io.video import Mp4Writer
 
             writer = Mp4Writer(path, fps=24)
-            decoder = self.vae.stream_decoder() if streaming else None
+            if mode != "batch":
+                decoder = make_chunk_decoder(self.vae, writer, mode)
         bar = tqdm(total=f // n, desc=stem, unit="chunk", disable=not progress)
-        t0 = time.perf_counter()
         frames_out = 0
 
         def on_chunk(k: int, x: torch.Tensor) -> None:
             nonlocal frames_out
             if decoder is not None:
-                video = decoder.decode_chunk(x)
-                writer.append(video[0].permute(1, 0, 2, 3).float().add(1).mul(0.5).clamp(0, 1).cpu())
-                frames_out += video.shape[2]
-            else:
-                frames_out += 4 * n - (3 if k == 0 else 0)
+                decoder.submit(k, x)
+            frames_out += 4 * n - (3 if k == 0 else 0)
             elapsed = time.perf_counter() - t0
             bar.set_postfix(frames=frames_out, fps=f"{frames_out / max(elapsed, 1e-9):.2f}")
             bar.update(1)
@@ -301,17 +315,20 @@ class InferencePipeline:
         try:
             latents = generate_latents(self.generator, noise, prompts, options=self.options,
                                        scene_cuts=[sample.scene_cuts], negative_embeds=neg, image_latent=image_latent,
-                                       on_chunk=on_chunk)
+                                       on_chunk=on_chunk, sequence_parallel=self.sp)
             dit_seconds = time.perf_counter() - t0
             if save_latents:
                 write_torch({"latents": latents.permute(0, 2, 1, 3, 4).contiguous().cpu(), "prompts": list(sample.prompts),
                              "seed": seed}, path)
-            elif decoder is None:
-                video = self.vae.decode(latents)
-                writer.append(video[0].permute(1, 0, 2, 3).float().add(1).mul(0.5).clamp(0, 1).cpu())
-                frames_out = video.shape[2]
+            elif decoder is not None:
+                decoder.finish()
+                log.info("%s decode: %s", mode, decoder.stats.summary())
+            else:
+                decode_batch(self.vae, latents, writer)
         finally:
             bar.close()
+            if decoder is not None:
+                decoder.close()
             if writer is not None:
                 writer.close()
         return GenerationResult(path, f, 1 + 4 * (f - 1), time.perf_counter() - t0, dit_seconds)
