@@ -184,11 +184,13 @@ class UlyssesGroup:
         n = frames // self.size
         return self.rank * n, (self.rank + 1) * n
 
+    @torch.compiler.disable  # collectives and the cache step stay eager inside compiled blocks
     def attend(self, cache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Local-token q, k, v `[B, S/sp, H, D]` -> attention over the head-sharded `cache` -> `[B, S/sp, H, D]`."""
         q, k, v = qkv_to_sequence(q, k, v, self.group, self.size)
         return sequence_to_heads(cache.attend(layer, q, k, v), self.group, self.size)
 
+    @torch.compiler.disable
     def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, S/sp, ...]` on every rank -> `[B, S, ...]` (tokens in rank order) on every rank."""
         x = x.contiguous()
