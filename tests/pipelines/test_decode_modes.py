@@ -7,6 +7,8 @@ import time
 import pytest
 import torch
 
+from longlive.io.video import frames_to_uint8
+
 from longlive.models.vae import WanVAE, WanVAEConfig
 from longlive.pipelines.decode import (
     ChunkDecoder,
@@ -14,6 +16,7 @@ from longlive.pipelines.decode import (
     decode_batch,
     decode_mode,
     frames_to_host,
+    BackgroundWriter,
     make_chunk_decoder,
 )
 
@@ -73,7 +76,7 @@ def _run(decoder: ChunkDecoder, z: torch.Tensor) -> None:
 def _check_output(sink: ListSink, decoder: ChunkDecoder, expected: torch.Tensor, chunks: int = CHUNKS) -> None:
     assert [c.shape[0] for c in sink.chunks] == [_frames_of_chunk(k) for k in range(chunks)]
     for c in sink.chunks:
-        assert c.dtype == torch.float32 and c.device.type == "cpu" and c.shape[1:] == expected.shape[1:]
+        assert c.dtype == torch.uint8 and c.device.type == "cpu" and c.shape[1:] == expected.shape[1:]
     assert torch.equal(torch.cat(sink.chunks), expected)
     stats = decoder.stats
     assert [c.index for c in stats.chunks] == list(range(chunks))
@@ -88,8 +91,8 @@ def _check_output(sink: ListSink, decoder: ChunkDecoder, expected: torch.Tensor,
 def test_cpu_modes_equal_whole_video_decode(vae: WanVAE, mode: str) -> None:
     z = _latents()
     expected = frames_to_host(vae.decode(z))
-    assert expected.shape == (1 + 4 * (CHUNKS * CHUNK - 1), 3, 32, 48)
-    assert 0 <= expected.min() < expected.max() <= 1
+    assert expected.shape == (1 + 4 * (CHUNKS * CHUNK - 1), 32, 48, 3)
+    assert expected.min() < expected.max()
     sink = ListSink()
     decoder = make_chunk_decoder(vae, sink, mode)
     assert decoder.mode == mode
@@ -105,8 +108,61 @@ def test_cpu_modes_equal_whole_video_decode(vae: WanVAE, mode: str) -> None:
 def test_frames_to_host_matches_the_pipeline_conversion(vae: WanVAE) -> None:
     video = vae.decode(_latents(1))
     got = frames_to_host(video)
-    assert torch.equal(got, video[0].permute(1, 0, 2, 3).float().add(1).mul(0.5).clamp(0, 1).cpu())
-    assert got.is_contiguous()
+    floats = video[0].permute(1, 0, 2, 3).float().add(1).mul(0.5).clamp(0, 1)
+    assert torch.equal(got, torch.from_numpy(frames_to_uint8(floats)))  # what the MP4 writer makes of floats
+    assert got.is_contiguous() and got.dtype == torch.uint8
+
+
+def test_non_finite_pixels_are_refused(vae: WanVAE) -> None:
+    video = vae.decode(_latents(1))
+    video[0, 1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN/inf pixel"):
+        frames_to_host(video)
+
+
+class _SlowSink(ListSink):
+    def __init__(self, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.fail_at, self.closed = fail_at, False
+        self.release = threading.Event()
+
+    def append(self, frames: torch.Tensor) -> None:
+        self.release.wait(WAIT)
+        if self.fail_at is not None and len(self.chunks) == self.fail_at:
+            raise OSError("disk full")
+        super().append(frames)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_background_writer_keeps_order_bounds_its_queue_and_closes_the_sink() -> None:
+    sink = _SlowSink()
+    writer = BackgroundWriter(sink, maxsize=2)
+    chunks = [torch.full((1, 2, 2, 3), i, dtype=torch.uint8) for i in range(6)]
+    producer = threading.Thread(target=lambda: [writer.append(c) for c in chunks])
+    producer.start()
+    producer.join(0.3)
+    assert producer.is_alive() and writer._queue.qsize() == 2  # blocked: one in the sink, two queued
+    sink.release.set()
+    producer.join(WAIT)
+    writer.close()
+    assert sink.closed and [int(c[0, 0, 0, 0]) for c in sink.chunks] == list(range(6))
+    assert len(writer.encode_seconds) == 6 and threading.current_thread().name not in sink.threads
+
+
+def test_background_writer_error_names_the_chunk() -> None:
+    sink = _SlowSink(fail_at=1)
+    sink.release.set()
+    writer = BackgroundWriter(sink)
+    frames = torch.zeros(1, 2, 2, 3, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="video writer failed at chunk 1: OSError: disk full"):
+        for _ in range(50):
+            writer.append(frames)
+            time.sleep(0.01)
+        writer.close()
+    writer.close()  # idempotent
+    assert sink.closed
 
 
 def test_decode_batch_writes_the_whole_video(vae: WanVAE) -> None:

@@ -11,7 +11,8 @@ Reported (JSON and a table): denoising-loop FPS at steady state (chunks whose wi
 pixel frames per chunk / (denoising steps + refresh)), end-to-end FPS (all pixel frames / wall time
 from the first chunk to the closed MP4), per-chunk seconds of DiT, refresh, VAE and I/O, peak GPU
 memory, and the hardware, software versions and commit. DiT and refresh are CUDA-event timed on the
-diffusion stream; VAE and I/O are the decoder's own durations (they overlap the DiT in async modes).
+diffusion stream; VAE and I/O (device to host) are the decoder's own durations, H.264 encoding the
+writer thread's; in the asynchronous modes they overlap the DiT.
 """
 from __future__ import annotations
 
@@ -131,6 +132,7 @@ class _Run:
     wall: float
     phases: dict[str, list[float]] = field(default_factory=dict)
     decode: list[tuple[float, float]] = field(default_factory=list)  # per chunk (vae, io)
+    encode: list[float] = field(default_factory=list)  # per chunk, in the writer thread
     frames_written: int = 0
 
 
@@ -160,7 +162,7 @@ def run_bench(spec: BenchSpec, device: torch.device, sp=None, is_writer: bool = 
     build_seconds = time.perf_counter() - t_build
 
     def generate(num_chunks: int, out_dir: Path, name: str) -> _Run:
-        from .decode import decode_batch, make_chunk_decoder
+        from .decode import decode_batch, make_chunk_decoder, open_video_writer
 
         f = num_chunks * spec.chunk_frames
         g = torch.Generator().manual_seed(spec.seed)
@@ -170,9 +172,7 @@ def run_bench(spec: BenchSpec, device: torch.device, sp=None, is_writer: bool = 
         timer = PhaseTimer(device=device)
         writer = decoder = None
         if vae is not None:
-            from ..io.video import Mp4Writer
-
-            writer = Mp4Writer(out_dir / f"{name}.mp4", fps=24)
+            writer = open_video_writer(out_dir / f"{name}.mp4", fps=24)
             if spec.decode != "batch":
                 decoder = make_chunk_decoder(vae, writer, spec.decode)
         if device.type == "cuda":
@@ -190,8 +190,9 @@ def run_bench(spec: BenchSpec, device: torch.device, sp=None, is_writer: bool = 
             else:
                 stats = None
             if writer is not None:
-                writer.close()
-                writer = None
+                w, writer = writer, None
+                w.close()  # waits for the encoder thread
+                run.encode = list(w.encode_seconds)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             run.wall = time.perf_counter() - t0
@@ -225,6 +226,7 @@ def run_bench(spec: BenchSpec, device: torch.device, sp=None, is_writer: bool = 
     chunk_seconds = [a + b for a, b in zip(dit, refresh)]
     vae_s = [run.decode[k][0] for k in steady if k < len(run.decode)] if spec.decode not in ("none", "batch") else []
     io_s = [run.decode[k][1] for k in steady if k < len(run.decode)] if spec.decode not in ("none", "batch") else []
+    enc_s = [run.encode[k] for k in steady if k < len(run.encode)] if spec.decode not in ("none", "batch") else []
     report: dict[str, Any] = {
         "spec": asdict(spec),
         "sp_size": 1 if sp is None else sp.size,
@@ -234,10 +236,11 @@ def run_bench(spec: BenchSpec, device: torch.device, sp=None, is_writer: bool = 
         "loop_fps_all_chunks": pixel_frames / sum(a + b for a, b in zip(run.phases["dit"], run.phases["refresh"])),
         "steady_chunks": steady,
         "seconds_per_chunk": {"dit": statistics.fmean(dit), "refresh": statistics.fmean(refresh),
-                              "vae": _mean(vae_s), "io": _mean(io_s),
+                              "vae": _mean(vae_s), "io": _mean(io_s), "encode": _mean(enc_s),
                               "dit_min": min(dit), "dit_max": max(dit)},
         "decode_total_seconds": sum(v for v, _ in run.decode) if run.decode else None,
         "io_total_seconds": sum(i for _, i in run.decode) if run.decode else None,
+        "encode_total_seconds": sum(run.encode) if run.encode else None,
         "wall_seconds": run.wall,
         "pixel_frames": pixel_frames,
         "frames_written": run.frames_written if spec.decode != "none" else None,
@@ -269,7 +272,8 @@ def format_table(report: dict[str, Any]) -> str:
         ("denoising loop, all chunks", f"{report['loop_fps_all_chunks']:.2f} FPS"),
         ("end to end (decode + MP4)", "-" if report["end_to_end_fps"] is None else
          f"{report['end_to_end_fps']:.2f} FPS ({report['pixel_frames']} frames in {report['wall_seconds']:.2f} s)"),
-        ("per chunk", f"DiT {ms(sec['dit'])}, refresh {ms(sec['refresh'])}, VAE {ms(sec['vae'])}, I/O {ms(sec['io'])}"),
+        ("per chunk", f"DiT {ms(sec['dit'])}, refresh {ms(sec['refresh'])}, VAE {ms(sec['vae'])}, "
+                      f"I/O {ms(sec['io'])} (to host), H.264 {ms(sec['encode'])} (writer thread)"),
         ("warm-up (excluded)", f"{report['warmup']['chunks']} chunks in {report['warmup']['seconds']:.1f} s; "
                                f"build {report['warmup']['build_seconds']:.1f} s"),
     ]

@@ -258,7 +258,7 @@ class InferencePipeline:
         """
         from tqdm import tqdm
 
-        from .decode import decode_batch, decode_mode, make_chunk_decoder
+        from .decode import decode_batch, decode_mode, make_chunk_decoder, open_video_writer
 
         c, f, h, w = self.latent_shape()
         n = self.options.chunk_frames
@@ -295,9 +295,7 @@ class InferencePipeline:
         mode = "latents" if save_latents else decode_mode(inf.streaming_vae, inf.async_vae, inf.vae_device)
         writer = decoder = None
         if not save_latents:
-            from ..io.video import Mp4Writer
-
-            writer = Mp4Writer(path, fps=24)
+            writer = open_video_writer(path, fps=24)
             if mode != "batch":
                 decoder = make_chunk_decoder(self.vae, writer, mode)
         bar = tqdm(total=f // n, desc=stem, unit="chunk", disable=not progress)
