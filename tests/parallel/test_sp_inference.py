@@ -34,6 +34,13 @@ SCENARIOS = {
     # classic sink, no cuts, classifier-free guidance (a second cache)
     "cfg": (ChunkedOptions(sampling_steps=2, chunk_frames=CHUNK, local_attn_size=8, sink_size=4, guidance_scale=3.0,
                            multi_shot_sink=False), None),
+    # NVFP4 KV cache split by head: the per-chunk amax is reduced over the group, so it equals one process
+    "fp4": (ChunkedOptions(sampling_steps=2, chunk_frames=CHUNK, local_attn_size=12, sink_size=4, kv_quant=True,
+                           multi_shot_sink=True, multi_shot_rope_offset=8.0), [[False, False, True, False, True]] * 2),
+    # ... and with K/V sent through the all-to-all as NVFP4 (the current chunk then sees its own K/V quantized)
+    "fp4comm": (ChunkedOptions(sampling_steps=2, chunk_frames=CHUNK, local_attn_size=12, sink_size=4, kv_quant=True,
+                               kv_quant_comm=True, multi_shot_sink=True, multi_shot_rope_offset=8.0),
+                [[False, False, True, False, True]] * 2),
 }
 
 
@@ -85,7 +92,7 @@ def sp_results(request, tmp_path_factory):
     return world, torch.load(out / "results.pt")
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.parametrize("name", [n for n in SCENARIOS if n != "fp4comm"])
 def test_sp_generation_equals_single_process(sp_results, name):
     world, results = sp_results
     out, ranks_agree, phases = results[name]
@@ -94,6 +101,19 @@ def test_sp_generation_equals_single_process(sp_results, name):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert not torch.equal(ref[:, :, :CHUNK], ref[:, :, -CHUNK:])  # the video is not degenerate
     assert phases == {"dit": F // CHUNK, "refresh": F // CHUNK}
+
+
+def test_fp4_all_to_all_stays_close_to_the_fp4_cache(sp_results):
+    """FP4 K/V in the all-to-all quantizes the current chunk's own K/V too: close to, not equal to, the
+    single-process FP4 KV cache (which attends to the current chunk in full precision)."""
+    _, results = sp_results
+    out, ranks_agree, _ = results["fp4comm"]
+    ref = run("fp4")
+    assert ranks_agree
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.02, rel
+    full = run("multishot")  # the same video without FP4: FP4 communication adds little to FP4's own error
+    assert rel < 2 * ((ref - full).norm() / full.norm()).item()
 
 
 def test_sp_cache_holds_its_share_of_heads():

@@ -334,3 +334,20 @@ def test_compact_state_dict_round_trip() -> None:
     bad = dict(sub, quantized_weight_values=sub["quantized_weight_values"][:, :10])
     with pytest.raises(ValueError, match="values must be uint8"):
         nv.NVFP4Tensor.from_state_dict(bad, rule="mse")
+
+
+def test_quantize_with_a_larger_tensors_amax_equals_quantizing_inside_it():
+    """Rows of a tensor quantized alone with the whole tensor's amax get the codes and scales they get
+    inside it (what sequence-parallel ranks rely on when each quantizes its part of a chunk)."""
+    from longlive.quant.nvfp4 import quantize, tensor_amax
+
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    x[50, 3] = 9.0  # the amax lives in the second half
+    whole = quantize(x, "mse")
+    part = quantize(x[:32], "mse", amax=tensor_amax(x))
+    assert torch.equal(part.values[:32], whole.values[:32])
+    assert torch.equal(part.scale_matrix()[:32].view(torch.uint8), whole.scale_matrix()[:32].view(torch.uint8))
+    assert not torch.equal(quantize(x[:32], "mse").scale_matrix()[:32].view(torch.uint8),
+                           whole.scale_matrix()[:32].view(torch.uint8))
+    with pytest.raises(ValueError, match="below the tensor's own"):
+        quantize(x, "mse", amax=torch.tensor([1.0]))

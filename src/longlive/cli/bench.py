@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-device", default=None, help="with --decode device, e.g. cuda:1")
     p.add_argument("--quant", choices=("none", "fp8"), default=d.quant, help="fp8: row-wise W8A8 block linears (Hopper)")
     p.add_argument("--kv", choices=("bf16", "fp4"), default=d.kv, help="KV cache storage")
+    p.add_argument("--kv-comm", action="store_true", help="with --kv fp4 under torchrun: send K/V through the all-to-all as NVFP4")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     spec = BenchSpec(preset=args.preset, height=args.height, width=args.width, steps=args.steps, chunks=args.chunks,
                      warmup_chunks=args.warmup_chunks, chunk_frames=args.chunk_frames, window_frames=args.window,
                      sink_frames=args.sink, decode=args.decode, vae=args.vae, vae_device=args.vae_device, quant=args.quant,
-                     kv=args.kv, compile=args.compile, dtype=dtype, seed=args.seed, output_dir=args.output_dir)
+                     kv=args.kv, kv_comm=args.kv_comm, compile=args.compile, dtype=dtype, seed=args.seed, output_dir=args.output_dir)
     spec.check()
     world = int(os.environ.get("WORLD_SIZE", 1))
     sp_size = args.sp_size or world

@@ -149,12 +149,19 @@ def _check_parallel(c: _Checker) -> None:
                    f"{frames} training latent frames must be a multiple of infra.sequence_parallel_size x chunk "
                    f"= {sp} x {chunk} = {sp * chunk} (each SP rank owns whole chunks).")
     if cfg.sp_size > 1:
-        unsupported = [("inference.kv_quant", cfg.inference.kv_quant), ("i2v", cfg.i2v), ("fp8_quant", cfg.fp8_quant),
-                       ("inference.use_relative_rope", cfg.inference.use_relative_rope)]
+        unsupported = [("i2v", cfg.i2v), ("inference.use_relative_rope", cfg.inference.use_relative_rope)]
         for field, on in unsupported:
             if on:
                 c.fail(field, f"is not supported with sequence-parallel inference (sp_size={cfg.sp_size}). "
                        f"Disable it or set sp_size: 1.")
+
+
+    inf = cfg.inference
+    if inf.kv_quant_comm and not inf.kv_quant:
+        c.fail("inference.kv_quant_comm", "sends K/V in NVFP4 and needs inference.kv_quant: true")
+    if inf.kv_quant_comm and inf.kv_quant_backend == "triton":
+        c.fail("inference.kv_quant_comm", "reads the current chunk from its FP4 slot, which kv_quant_backend: triton "
+               "(fused kernel) does not; use kv_quant_backend: cuda or pytorch")
 
 
 def _check_weights(c: _Checker) -> None:
@@ -184,6 +191,8 @@ def _warn(cfg: Config) -> None:
     if inf.vae_device is not None and not inf.streaming_vae:
         logger.warning("%s: inference.vae_device=%r is ignored because inference.streaming_vae is false",
                        cfg.source, inf.vae_device)
+    if inf.kv_quant_comm and cfg.sp_size == 1:
+        logger.warning("%s: inference.kv_quant_comm has no effect without sequence parallelism (sp_size: 1)", cfg.source)
     if inf.async_vae and not inf.streaming_vae:
         logger.warning("%s: inference.async_vae is ignored because inference.streaming_vae is false", cfg.source)
     if inf.narrative_rope_phase_shift is not None:

@@ -186,9 +186,32 @@ class UlyssesGroup:
 
     @torch.compiler.disable  # collectives and the cache step stay eager inside compiled blocks
     def attend(self, cache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Local-token q, k, v `[B, S/sp, H, D]` -> attention over the head-sharded `cache` -> `[B, S/sp, H, D]`."""
+        """Local-token q, k, v `[B, S/sp, H, D]` -> attention over the head-sharded `cache` -> `[B, S/sp, H, D]`.
+
+        With `cache.kv_quant_comm`, K and V travel as NVFP4 codes and scales (4.5 instead of 16 bits per
+        value): each rank quantizes its tokens with the whole chunk's scales, the receivers store them
+        as they are, and the current chunk's attention reads them quantized too."""
+        if getattr(cache, "kv_quant_comm", False):
+            return self._attend_fp4(cache, layer, q, k, v)
         q, k, v = qkv_to_sequence(q, k, v, self.group, self.size)
         return sequence_to_heads(cache.attend(layer, q, k, v), self.group, self.size)
+
+    def _attend_fp4(self, cache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, s, h, d = q.shape
+        sp = self.size
+        send_q = q.reshape(b, s, sp, h // sp, d).permute(2, 0, 1, 3, 4)  # [sp (head owner), B, S/sp, H/sp, D]
+        q = _AllToAll.apply(send_q, self.group).permute(1, 0, 2, 3, 4).reshape(b, sp * s, h // sp, d)
+        kv, ks, vv, vs, kdec, vdec, kmean = cache.fp4_stage(layer, k, v)
+        widths = (kv.shape[-1], ks.shape[-1], vv.shape[-1], vs.shape[-1])
+        payload = torch.cat([kv, ks, vv, vs], dim=-1)  # uint8 [B, H, S/sp, D/2 + D/16 + D/2 + D/16]
+        send = payload.reshape(b, sp, h // sp, s, -1).transpose(0, 1)  # [sp (head owner), B, H/sp, S/sp, bytes]
+        recv = _AllToAll.apply(send, self.group)  # [sp (token owner), B, H/sp, S/sp, bytes]
+        recv = recv.permute(1, 2, 0, 3, 4).reshape(b, h // sp, sp * s, -1)
+        kv, ks, vv, vs = recv.split(widths, dim=-1)
+        heads = slice(self.rank * (h // sp), (self.rank + 1) * (h // sp))
+        mean = None if kmean is None else kmean[:, heads]
+        out = cache.attend_received(layer, q, kv, ks, vv, vs, kdec, vdec, mean)
+        return sequence_to_heads(out, self.group, self.size)
 
     @torch.compiler.disable
     def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,7 @@ class BenchSpec:
     vae_device: str | None = None  # decode == "device"
     quant: str = "none"  # none | fp8
     kv: str = "bf16"  # bf16 | fp4
+    kv_comm: bool = False  # with kv fp4 under SP: K/V cross the all-to-all as NVFP4
     compile: bool = False
     dtype: str = "bfloat16"
     seed: int = 0
@@ -71,6 +72,8 @@ class BenchSpec:
                              "(VAE stride 16 x patch 2)")
         if self.chunks < 1 or self.steps < 1:
             raise ValueError("bench: --chunks and --steps must be at least 1")
+        if self.kv_comm and self.kv != "fp4":
+            raise ValueError("bench: --kv-comm sends the FP4 KV cache's K/V in FP4; it needs --kv fp4")
         if self.decode == "device" and not self.vae_device:
             raise ValueError("bench: --decode device needs --vae-device (e.g. cuda:1)")
 
@@ -147,7 +150,7 @@ def run_bench(spec: BenchSpec, device: torch.device, sp=None, is_writer: bool = 
         raise ValueError(f"bench: latent size {lat_h}x{lat_w} does not fit the patch size {cfg.patch_size}")
     options = ChunkedOptions(sampling_steps=spec.steps, chunk_frames=spec.chunk_frames, local_attn_size=spec.window_frames,
                              sink_size=spec.sink_frames, multi_shot_sink=spec.sink_frames > 0, multi_shot_rope_offset=8.0,
-                             kv_quant=spec.kv == "fp4")
+                             kv_quant=spec.kv == "fp4", kv_quant_comm=spec.kv_comm)
     slots = spec.window_frames // spec.chunk_frames
     warmup = spec.warmup_chunks if spec.warmup_chunks is not None else slots + 1
 
@@ -265,7 +268,8 @@ def format_table(report: dict[str, Any]) -> str:
     rows = [
         ("model", f"{s['preset']} {s['height']}x{s['width']}, {s['steps']} steps, chunk {s['chunk_frames']} latent frames "
                   f"({report['tokens_per_chunk']} tokens), window {s['window_frames']}, sink {s['sink_frames']}"),
-        ("setup", f"sp {report['sp_size']}, dtype {s['dtype']}, quant {s['quant']}, kv {s['kv']}, compile {s['compile']}, "
+        ("setup", f"sp {report['sp_size']}, dtype {s['dtype']}, quant {s['quant']}, kv {s['kv']}"
+                  f"{' (FP4 all-to-all)' if s['kv_comm'] else ''}, compile {s['compile']}, "
                   f"decode {s['decode']} ({s['vae']} VAE)"),
         ("denoising loop, steady", f"{report['denoise_fps_steady']:.2f} FPS (chunks {report['steady_chunks'][0]}.."
                                    f"{report['steady_chunks'][-1]}, window full)"),

@@ -37,6 +37,7 @@ class ChunkedOptions:
     kv_quant_scale_rule: str = "mse"
     kv_quant_key_smoothing: str = "channel_mean"
     kv_quant_backend: str = "cuda"  # cuda: dequantize + cuDNN; triton: fused FP4 attention; pytorch: reference
+    kv_quant_comm: bool = False  # sequence parallel + kv_quant: K/V cross the all-to-all as NVFP4
 
 
 ChunkCallback = Callable[[int, torch.Tensor], None]
@@ -150,7 +151,9 @@ def generate_latents(
                     shot_clean_recache=options.shot_clean_recache, max_frames=f, dtype=noise.dtype, device=noise.device,
                     kv_quant=options.kv_quant, kv_quant_rule=options.kv_quant_scale_rule,
                     key_smoothing=options.kv_quant_key_smoothing, kv_quant_backend=options.kv_quant_backend,
-                    head_shards=1 if sequence_parallel is None else sequence_parallel.size)
+                    head_shards=1 if sequence_parallel is None else sequence_parallel.size,
+                    kv_quant_group=None if sequence_parallel is None else sequence_parallel.group,
+                    kv_quant_comm=options.kv_quant_comm and sequence_parallel is not None)
     caches = [KVCache.for_model(model.config, **cache_kw)]
     if use_cfg:
         caches.append(KVCache.for_model(model.config, **cache_kw))

@@ -39,7 +39,7 @@ def chunked_options(cfg: Config) -> ChunkedOptions:
         multi_shot_rope_offset=inf.multi_shot_rope_offset, shot_clean_recache=inf.shot_clean_recache,
         t_scale=inf.inference_t_scale, timestep_shift=cfg.model_kwargs.timestep_shift,
         kv_quant=inf.kv_quant, kv_quant_scale_rule=inf.kv_quant_scale_rule, kv_quant_key_smoothing=inf.kv_quant_key_smoothing,
-        kv_quant_backend=inf.kv_quant_backend,
+        kv_quant_backend=inf.kv_quant_backend, kv_quant_comm=inf.kv_quant_comm,
     )
 
 

@@ -354,6 +354,8 @@ class FP4KVStore:
         device: torch.device | str = "cpu",
         backend: str = "auto",
         attention_config: AttentionKernelConfig | None = None,
+        group=None,
+        shard: str = "heads",
     ) -> None:
         for name, v in (("num_layers", num_layers), ("batch_size", batch_size), ("num_heads", num_heads),
                         ("head_dim", head_dim), ("num_slots", num_slots), ("chunk_tokens", chunk_tokens)):
@@ -381,7 +383,14 @@ class FP4KVStore:
                 raise ValueError(f"FP4KVStore: backend 'triton' supports CUDA devices, got {device}")
         self.num_layers, self.batch_size, self.num_heads = num_layers, batch_size, num_heads
         self.head_dim, self.num_slots, self.chunk_tokens = head_dim, num_slots, chunk_tokens
+        if shard not in ("heads", "tokens"):
+            raise ValueError(f"FP4KVStore: shard must be 'heads' or 'tokens', got {shard!r}")
         self.rule, self.key_smoothing, self.backend = rule, key_smoothing, backend
+        # Sequence parallel: the ranks of `group` hold other heads ("heads": a head-sharded cache) or other
+        # tokens ("tokens": the sender side of the FP4 all-to-all) of the same chunk matrices, whose
+        # amax (and channel mean) are reduced over the group, so every rank quantizes with the scales
+        # one process holding the whole chunk would use.
+        self.group, self.shard = group, shard
         self.attention_config = attention_config or AttentionKernelConfig()
         shape = (num_layers, batch_size, num_slots, num_heads, chunk_tokens)
         self.k_values = torch.zeros(*shape, head_dim // 2, dtype=torch.uint8, device=device)
@@ -450,7 +459,7 @@ class FP4KVStore:
         shape = (self.batch_size, self.num_heads, self.chunk_tokens, self.head_dim)
         self._check_tensor("k", k, shape, (torch.bfloat16, torch.float32))
         self._check_tensor("v", v, shape, (torch.bfloat16, torch.float32))
-        mean = smoothing_mean(k, self.key_smoothing)
+        mean = self._smoothing_mean(k)
         if self.backend == "torch":
             self._write_torch(layer, slots, k, v, mean)
         else:
@@ -462,14 +471,33 @@ class FP4KVStore:
             for b, s in enumerate(slots):
                 self.k_mean[layer, b, s].copy_(mean[b, :, 0])
 
+    def _smoothing_mean(self, k: torch.Tensor) -> torch.Tensor | None:
+        """The key smoothing mean; a channel mean over tokens held by several ranks is summed over the group."""
+        if self.group is None or self.shard == "heads" or self.key_smoothing != "channel_mean":
+            return smoothing_mean(k, self.key_smoothing)
+        import torch.distributed as dist
+
+        total = torch.sum(k, dim=2, keepdim=True, dtype=torch.float32)
+        dist.all_reduce(total, group=self.group)
+        return total / (k.shape[2] * dist.get_world_size(self.group))
+
+    def _group_amax(self, amax: torch.Tensor) -> torch.Tensor:
+        """Per-sample float32 amax [B] reduced (max) over the group."""
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.group)
+        return amax
+
     def _write_torch(self, layer: int, slots: list[int], k: torch.Tensor, v: torch.Tensor,
                      mean: torch.Tensor | None) -> None:
         rows, d = self.num_heads * self.chunk_tokens, self.head_dim
         ks = k.float() - mean if mean is not None else k
+        amaxes = [self._group_amax(x.detach().abs().flatten(1).amax(1).float()) for x in (ks, v)]
         for b, s in enumerate(slots):
-            for x, values, scales, decode in ((ks[b], self.k_values, self.k_scales, self.k_decode),
-                                              (v[b], self.v_values, self.v_scales, self.v_decode)):
-                q = quantize(x.reshape(rows, d), self.rule)
+            for x, amax, values, scales, decode in ((ks[b], amaxes[0], self.k_values, self.k_scales, self.k_decode),
+                                                    (v[b], amaxes[1], self.v_values, self.v_scales, self.v_decode)):
+                q = quantize(x.reshape(rows, d), self.rule, amax=amax[b])
                 values[layer, b, s] = q.values[:rows, : d // 2].reshape(values.shape[3:])
                 scales[layer, b, s] = q.scale_matrix()[:rows, : d // BLOCK_SIZE].view(torch.uint8).reshape(scales.shape[3:])
                 decode[layer, b, s] = tensor_scales(q.amax, self.rule).decode[0]
@@ -486,13 +514,46 @@ class FP4KVStore:
         partial = torch.empty((B, n_tiles), dtype=torch.float32, device=self.device)
         _amax_kernel[(n_tiles, B)](x, mean_arg, partial, rows, T, D, *strides, n_tiles,
                                    BLOCK_R=br, BLOCK_D=bd, SMOOTH=smooth, num_warps=_WRITE_NUM_WARPS)
-        enc, enc4, dec = _per_sample_scales(partial.amax(dim=1), self.rule)
+        enc, enc4, dec = _per_sample_scales(self._group_amax(partial.amax(dim=1)), self.rule)
         _write_kernel[(n_tiles, B)](
             x, mean_arg, slot_t, enc, enc4, dec, values, scales, decode,
             rows, T, D, *strides, layer * B * self.num_slots, self.num_slots,
             BLOCK_R=br, BLOCK_D=bd, RULE=_RULE_IDS[self.rule], SMOOTH=smooth,
             num_warps=_WRITE_NUM_WARPS, **_LAUNCH_OPTIONS,
         )
+
+    def packed(self, layer: int, slot: int) -> tuple[torch.Tensor, ...]:
+        """Views of slot `slot` of every sample: (k_values, k_scales, v_values, v_scales) `[B, H, T, *]`,
+        (k_decode, v_decode) `[B]` and k_mean `[B, H, D]` (None without channel_mean)."""
+        self._check_layer(layer)
+        mean = None if self.k_mean is None else self.k_mean[layer, :, slot]
+        return (self.k_values[layer, :, slot], self.k_scales[layer, :, slot], self.v_values[layer, :, slot],
+                self.v_scales[layer, :, slot], self.k_decode[layer, :, slot], self.v_decode[layer, :, slot], mean)
+
+    def write_packed(self, layer: int, slots: Sequence[int], k_values: torch.Tensor, k_scales: torch.Tensor,
+                     v_values: torch.Tensor, v_scales: torch.Tensor, k_decode: torch.Tensor, v_decode: torch.Tensor,
+                     k_mean: torch.Tensor | None) -> None:
+        """Store already quantized chunks (codes `[B, H, T, D/2]`, scales `[B, H, T, D/16]`, decode `[B]`,
+        key mean `[B, H, D]`) in slots `slots[b]`: what a rank receives in the FP4 all-to-all."""
+        self._check_layer(layer)
+        slots = self._check_slots("slots", slots)
+        H, T, D = self.num_heads, self.chunk_tokens, self.head_dim
+        self._check_tensor("k_values", k_values, (self.batch_size, H, T, D // 2), (torch.uint8,))
+        self._check_tensor("v_values", v_values, (self.batch_size, H, T, D // 2), (torch.uint8,))
+        self._check_tensor("k_scales", k_scales, (self.batch_size, H, T, D // BLOCK_SIZE), (torch.uint8,))
+        self._check_tensor("v_scales", v_scales, (self.batch_size, H, T, D // BLOCK_SIZE), (torch.uint8,))
+        if (k_mean is None) != (self.k_mean is None):
+            raise ValueError(f"FP4KVStore.write_packed: k_mean must be given exactly with key_smoothing=channel_mean "
+                             f"(this store: {self.key_smoothing})")
+        for b, s in enumerate(slots):
+            self.k_values[layer, b, s].copy_(k_values[b])
+            self.k_scales[layer, b, s].copy_(k_scales[b])
+            self.v_values[layer, b, s].copy_(v_values[b])
+            self.v_scales[layer, b, s].copy_(v_scales[b])
+            self.k_decode[layer, b, s] = k_decode[b]
+            self.v_decode[layer, b, s] = v_decode[b]
+            if k_mean is not None:
+                self.k_mean[layer, b, s].copy_(k_mean[b])
 
     # ------------------------------------------------------------------ dequantize
     def dequantize(self, layer: int, num_valid: int | None = None,
@@ -568,6 +629,20 @@ class FP4KVStore:
             return self._attention_torch(layer, q, k_cur, v_cur, num_valid, cur)
         return self._attention_triton(layer, q, k_cur, v_cur, num_valid, cur)
 
+    def attention_from_slots(self, layer: int, q: torch.Tensor, num_valid: int, current_slots: Sequence[int],
+                             route: str = "dequantize") -> torch.Tensor:
+        """Attention over slots [0, num_valid) with the current chunk read from its FP4 slot as well (it was
+        written by `write_packed`: the chunk's K/V arrived quantized). route: "dequantize" (window to q's
+        dtype, then SDPA) or "reference" (float32 per sample, any device)."""
+        cur = self._check_slots("current_slots", current_slots)
+        if route == "dequantize":
+            return self.attention_dequantized(layer, q, None, None, num_valid, cur)
+        outs = []
+        for b in range(self.batch_size):
+            k, v = self._dequantize_torch(layer, b, list(range(max(num_valid, cur[b] + 1))))
+            outs.append(F.scaled_dot_product_attention(q[b].transpose(0, 1).float(), k, v).transpose(0, 1))
+        return torch.stack(outs).to(q.dtype)
+
     def attention_dequantized(self, layer: int, q: torch.Tensor, k_cur: torch.Tensor, v_cur: torch.Tensor,
                               num_valid: int, current_slots: Sequence[int]) -> torch.Tensor:
         """Same result as `attention` by another route: dequantize the window to q's dtype (one layer's
@@ -577,9 +652,12 @@ class FP4KVStore:
 
         cur = self._check_slots("current_slots", current_slots)
         T = self.chunk_tokens
+        n = max(num_valid, max(cur) + 1)
+        if k_cur is None:  # the current chunk is read from its slot (it arrived quantized: FP4 all-to-all)
+            k, v = self.dequantize(layer, n, dtype=q.dtype)
+            return sdpa(q, k, v, kv_heads_first=True)
         if k_cur.shape[2] != T:
             raise ValueError(f"FP4KVStore.attention_dequantized: the current chunk has {k_cur.shape[2]} tokens, slots hold {T}")
-        n = max(num_valid, max(cur) + 1)
         k, v = self.dequantize(layer, n, dtype=q.dtype)
         if self.key_smoothing == "token_mean":
             k_cur = k_cur.float() - smoothing_mean(k_cur, "token_mean")

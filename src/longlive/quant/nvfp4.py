@@ -437,11 +437,14 @@ def quantize(
     round: RoundStyle | str = "nearest",
     generator: torch.Generator | None = None,
     uniform: torch.Tensor | None = None,
+    amax: torch.Tensor | None = None,
 ) -> NVFP4Tensor:
     """Quantize a 2-D floating tensor to NVFP4 (reference implementation, any device).
 
     ``block_2d`` uses one scale per 16x16 tile (weights, so W and W^T quantize identically);
     stochastic rounding takes uniforms in [0, 1) of x's shape, given or drawn from ``generator``.
+    ``amax`` (float32, one element) replaces the tensor's own amax in the per-tensor scale: x is then
+    quantized as the part of a larger tensor with that amax would be (it must be >= max|x|).
     """
     rule_maxima(rule)
     if round not in ("nearest", "stochastic"):
@@ -453,7 +456,13 @@ def quantize(
     rows, cols = x.shape
     prow, pcol = padded_shape(rows, cols)
     xf = x.detach().to(torch.float32)
-    amax = tensor_amax(xf)
+    own = tensor_amax(xf)
+    if amax is not None:
+        amax = amax.detach().to(device=xf.device, dtype=torch.float32).reshape(1)
+        if not bool(amax >= own):
+            raise ValueError(f"NVFP4 quantize: the given amax {float(amax):.6g} is below the tensor's own {float(own):.6g}")
+    else:
+        amax = own
     amax_value = float(amax)
     if 0.0 < amax_value < 1e-30:
         logger.warning(

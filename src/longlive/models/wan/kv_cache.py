@@ -70,6 +70,8 @@ class KVCache:
         kv_quant_rule: str = "mse",
         key_smoothing: str = "channel_mean",
         kv_quant_backend: str = "cuda",
+        kv_quant_group=None,
+        kv_quant_comm: bool = False,
     ) -> None:
         if chunk_frames <= 0 or tokens_per_frame <= 0:
             raise ValueError(f"KVCache: chunk_frames ({chunk_frames}) and tokens_per_frame ({tokens_per_frame}) must be positive")
@@ -109,13 +111,21 @@ class KVCache:
             # FP4 attention kernel (no BF16 copy of the window); pytorch: the reference path on any device
             self.fp4 = FP4KVStore(num_layers, batch_size, num_heads, head_dim, self.num_slots, self.chunk_tokens,
                                   rule=kv_quant_rule, key_smoothing=key_smoothing, device=device,
-                                  backend="torch" if kv_quant_backend == "pytorch" else "auto")
+                                  backend="torch" if kv_quant_backend == "pytorch" else "auto", group=kv_quant_group)
             self._fp4_dequantize = kv_quant_backend == "cuda" and self.fp4.backend == "triton"
+            if kv_quant_comm and kv_quant_backend == "triton":
+                raise ValueError("KVCache: kv_quant_comm reads the current chunk from its FP4 slot, which the fused "
+                                 "triton attention does not; use kv_quant_backend cuda or pytorch")
             self.k = self.v = None
         else:
+            if kv_quant_comm:
+                raise ValueError("KVCache: kv_quant_comm (FP4 K/V in the sequence-parallel all-to-all) needs kv_quant")
             shape = (num_layers, batch_size, num_heads, self.num_slots * self.chunk_tokens, head_dim)
             self.k = torch.empty(shape, dtype=dtype, device=device)
             self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.kv_quant_comm = bool(kv_quant_comm)
+        self._kv_quant_args = (kv_quant_rule, key_smoothing, kv_quant_group)
+        self._fp4_stage = None
         self.device = torch.device(device)
         self.reset()
 
@@ -274,6 +284,32 @@ class KVCache:
             self.fp4.write(layer, slots, kc, vc)
         attend = self.fp4.attention_dequantized if self._fp4_dequantize else self.fp4.attention
         return attend(layer, q, kc.contiguous(), vc.contiguous(), self.num_valid, slots)
+
+    def fp4_stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """Sender side of the FP4 all-to-all: quantize this rank's tokens `k, v [B, S/sp, H_all, D]` (all
+        heads of its 1/sp of the chunk's tokens) with the channel mean and amax of the whole chunk
+        (reduced over the SP group), exactly as the receiving head-sharded caches would. Returns
+        `FP4KVStore.packed` of the staged chunk (codes and scales `[B, H_all, S/sp, *]`)."""
+        b, t, h, d = k.shape
+        if self._fp4_stage is None or self._fp4_stage.chunk_tokens != t or self._fp4_stage.num_heads != h:
+            from longlive.quant.fp4_kv import FP4KVStore
+
+            rule, smoothing, group = self._kv_quant_args
+            self._fp4_stage = FP4KVStore(1, b, h, d, 1, t, rule=rule, key_smoothing=smoothing, device=k.device,
+                                         backend=self.fp4.backend, group=group, shard="tokens")
+        self._fp4_stage.write(0, [0] * b, k.transpose(1, 2), v.transpose(1, 2))
+        return self._fp4_stage.packed(0, 0)
+
+    @torch.compiler.disable
+    def attend_received(self, layer: int, q: torch.Tensor, k_values, k_scales, v_values, v_scales, k_decode, v_decode,
+                        k_mean) -> torch.Tensor:
+        """Receiver side of the FP4 all-to-all: store the chunk's quantized K/V (this rank's heads, all tokens)
+        in the current slots at every call (the refresh's stay), then attend over the window with the
+        current chunk read from FP4 too."""
+        slots = [s.current_slot for s in self.samples]
+        self.fp4.write_packed(layer, slots, k_values, k_scales, v_values, v_scales, k_decode, v_decode, k_mean)
+        return self.fp4.attention_from_slots(layer, q, self.num_valid, slots,
+                                             route="dequantize" if self.fp4.backend == "triton" else "reference")
 
     @torch.compiler.disable  # host-side slot bookkeeping: a compiled block calls it as one opaque step
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
