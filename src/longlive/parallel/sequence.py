@@ -213,6 +213,12 @@ class UlyssesGroup:
         out = cache.attend_received(layer, q, kv, ks, vv, vs, kdec, vdec, mean)
         return sequence_to_heads(out, self.group, self.size)
 
+    def broadcast_(self, x: torch.Tensor) -> torch.Tensor:
+        """Overwrite `x` on every rank with the group's first rank's copy (inputs of one video: noise and
+        prompt embeddings must be bit-identical across the group, whatever each rank computed)."""
+        dist.broadcast(x, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return x
+
     @torch.compiler.disable
     def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, S/sp, ...]` on every rank -> `[B, S, ...]` (tokens in rank order) on every rank."""

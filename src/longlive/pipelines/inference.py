@@ -280,6 +280,9 @@ class InferencePipeline:
         neg = None
         if self.options.guidance_scale != 1.0:
             neg = self.text_encoder.encode([self.cfg.inference.negative_prompt]).to(self.device, self.dtype)
+        if self.sp is not None:  # one video per group: every rank uses the first rank's inputs, bit for bit
+            noise, prompts, neg, image_latent = (None if t is None else self.sp.broadcast_(t.contiguous())
+                                                 for t in (noise, prompts, neg, image_latent))
         inf = self.cfg.inference
         save_latents = inf.save_latents_only
         path = out_dir / (f"{stem}.pt" if save_latents else f"{stem}.mp4")
