@@ -100,8 +100,15 @@ def test_sequence_parallel_sizes(tmp_path):
 
 
 def test_sp_inference_rejects_unsupported_features(tmp_path):
-    msg = _error(_cfg(tmp_path, sp_size=4, inference={"kv_quant": True}))
-    assert "'inference.kv_quant'" in msg and "sequence-parallel" in msg
+    msg = _error(_cfg(tmp_path, sp_size=4, i2v=True, inference={"independent_first_frame": True}))
+    assert "'i2v'" in msg and "sequence-parallel" in msg
+
+
+def test_fp4_all_to_all_needs_the_fp4_cache_and_a_slot_reading_backend(tmp_path):
+    msg = _error(_cfg(tmp_path, sp_size=4, inference={"kv_quant_comm": True}))
+    assert "'inference.kv_quant_comm'" in msg and "kv_quant: true" in msg
+    msg = _error(_cfg(tmp_path, sp_size=4, inference={"kv_quant": True, "kv_quant_comm": True, "kv_quant_backend": "triton"}))
+    assert "'inference.kv_quant_comm'" in msg and "kv_quant_backend: cuda or pytorch" in msg
 
 
 def test_lora_without_adapter_and_random_weights_conflicts(tmp_path):
