@@ -1,6 +1,13 @@
 """`longlive data encode`: encode a video dataset to latents once, for training with `load_raw_video: false`.
+`longlive data synth`: write a deterministic procedural video dataset (moving coloured shapes + captions).
 
     longlive data encode --config C --out DIR [--limit N] [--device D] [field=value ...]
+    longlive data synth --out DIR [--samples N] [--seed S] [--frames F] [--height H] [--width W] [--fps 24]
+                        [--eval-prompts M] [--eval-chunks C] [--max-shots K]
+
+synth writes `DIR/video/<sample>/<k>.mp4` + `DIR/caption/<sample>/<k>.json` (one clip per shot, the layout of
+`MultiVideoConcatDataset`) and evaluation prompt folders `DIR/prompts/eval_<i>/` (see
+`longlive.data.procedural`). It refuses a non-empty DIR that it did not make; a DIR made by synth is rewritten.
 
 Reads `data.data_path` with `MultiVideoConcatDataset` in deterministic mode (start at video 0,
 frame 0), encodes each whole clip with the config's VAE, and writes `DIR/<sample>.safetensors`
@@ -17,24 +24,39 @@ from pathlib import Path
 
 log = logging.getLogger("longlive.data")
 
-ACTIONS = ("encode",)
+ACTIONS = ("encode", "synth")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # One positional action instead of argparse sub-parsers: `longlive` parses intermixed options and
     # overrides, which sub-parsers do not support.
-    p.add_argument("action", choices=ACTIONS, help="encode: the data.data_path videos to latent files (resumable)")
-    p.add_argument("--config", required=True, help="config naming the dataset (data.*) and the VAE (inference.vae_type)")
-    p.add_argument("--out", required=True, help="output folder for <sample>.safetensors")
+    p.add_argument("action", choices=ACTIONS, help="encode: the data.data_path videos to latent files (resumable); "
+                   "synth: write a procedural video dataset with captions and eval prompts")
+    p.add_argument("--config", help="encode (required): config naming the dataset (data.*) and the VAE (inference.vae_type)")
+    p.add_argument("--out", required=True, help="output folder (encode: <sample>.safetensors; synth: the dataset)")
     p.add_argument("--limit", type=int, help="only the first N samples of the dataset")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true")
+    synth = p.add_argument_group("synth")
+    synth.add_argument("--samples", type=int, default=8, help="training samples (default 8)")
+    synth.add_argument("--seed", type=int, default=0, help="everything written is a function of the seed (default 0)")
+    synth.add_argument("--frames", type=int, default=33, help="frames per shot clip (default 33)")
+    synth.add_argument("--height", type=int, default=64, help="frame height, even (default 64)")
+    synth.add_argument("--width", type=int, default=64, help="frame width, even (default 64)")
+    synth.add_argument("--fps", type=float, default=24.0, help="frame rate of the clips (default 24)")
+    synth.add_argument("--eval-prompts", type=int, default=4, help="evaluation prompt folders (default 4)")
+    synth.add_argument("--eval-chunks", type=int, default=6, help="chunks of every evaluation prompt (default 6)")
+    synth.add_argument("--max-shots", type=int, default=3, help="at most this many shots per sample, 1..3 (default 3)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.data_path=/data/clips")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "encode":
+        if not args.config:
+            raise SystemExit("longlive data encode: --config is required (the config naming data.data_path and the VAE)")
         return encode(args)
+    if args.action == "synth":
+        return synth(args)
     raise SystemExit(f"unknown data action {args.action!r}; choose from {ACTIONS}")
 
 
@@ -89,4 +111,24 @@ def encode(args: argparse.Namespace) -> int:
     if failed:
         log.warning("%d sample(s) failed: %s", len(failed), ", ".join(failed[:10]) + (" ..." if len(failed) > 10 else ""))
         return 1
+    return 0
+
+
+def synth(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from ..data.procedural import write_procedural_dataset
+
+    if args.overrides:
+        raise SystemExit(f"longlive data synth takes no config overrides, got {args.overrides}")
+    if args.config:
+        raise SystemExit("longlive data synth does not read --config; give the dataset options (--samples, ...)")
+    try:
+        summary = write_procedural_dataset(args.out, samples=args.samples, seed=args.seed, frames=args.frames,
+                                           height=args.height, width=args.width, fps=args.fps,
+                                           eval_prompts=args.eval_prompts, eval_chunks=args.eval_chunks,
+                                           max_shots=args.max_shots)
+    except ValueError as exc:
+        raise SystemExit(f"longlive data synth: {exc}") from None
+    print(json.dumps(asdict(summary)))
     return 0
