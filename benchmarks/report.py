@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,13 +12,9 @@ logger = logging.getLogger("benchmarks")
 
 def commit() -> str | None:
     """LONGLIVE_COMMIT if set (the benchmark machine has no .git), else `git rev-parse --short HEAD`."""
-    if os.environ.get("LONGLIVE_COMMIT"):
-        return os.environ["LONGLIVE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    from longlive.pipelines.bench import commit as package_commit
+
+    return package_commit()
 
 
 def emit(report: dict, name: str) -> None:

@@ -125,9 +125,9 @@ def init_inference_parallel(sp_size: int, dp_size: int | None, auto_sp_remainder
     groups = plan_groups(world, sp_size, dp_size, auto_sp_remainder, num_heads, chunk_frames)
     index = next(i for i, g in enumerate(groups) if rank in g)
     mine = None
-    for g in groups:  # every rank creates every group, in the same order (a collective)
+    for i, g in enumerate(groups):  # every rank creates every group, in the same order (a collective)
         pg = dist.new_group(g) if len(g) > 1 else None
-        if index == groups.index(g) and pg is not None:
+        if i == index and pg is not None:
             mine = UlyssesGroup(pg, len(g), g.index(rank))
     log.info("rank %d/%d: SP group %d of %d (ranks %s), sp rank %d", rank, world, index, len(groups), groups[index],
              0 if mine is None else mine.rank)

@@ -30,6 +30,7 @@ Usage (what `InferencePipeline.generate` does)::
 """
 from __future__ import annotations
 
+import abc
 import logging
 import queue
 import threading
@@ -54,6 +55,8 @@ class ChunkDecodeSink(Protocol):
 
 
 # ------------------------------------------------------------------------------------------ helpers
+_STOP = object()  # end-of-stream marker of the worker queues
+
 def _check_batch(tensor: torch.Tensor, what: str) -> None:
     if tensor.dim() != 5:
         raise ValueError(f"{what} must be 5-D [B, C, T, H, W]; got shape {tuple(tensor.shape)}")
@@ -236,7 +239,7 @@ def _pinned_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Ten
 
 
 # ------------------------------------------------------------------------------------------ decoders
-class ChunkDecoder:
+class ChunkDecoder(abc.ABC):
     """Decodes the latent chunks of ONE video, in order, and hands their frames to a sink.
 
     submit(k, latents): latents [1, z, n, h, w] on the DiT device; chunk indices strictly increase.
@@ -263,11 +266,13 @@ class ChunkDecoder:
                              "chunks must be submitted in order")
         self._last_index = chunk_index
 
+    @abc.abstractmethod
     def submit(self, chunk_index: int, latents: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Decode chunk `chunk_index` (now or later, by mode) and hand its frames to the sink."""
 
+    @abc.abstractmethod
     def finish(self) -> None:
-        raise NotImplementedError
+        """Wait for every submitted chunk to reach the sink; raise any decode error."""
 
     def close(self) -> None:
         self._closed = True
@@ -423,7 +428,6 @@ class StreamChunkDecoder(ChunkDecoder):
         self._decoder = None
 
 
-_STOP = object()
 
 
 class DeviceChunkDecoder(ChunkDecoder):
@@ -573,8 +577,8 @@ class DeviceChunkDecoder(ChunkDecoder):
             log.warning("device VAE decoder closed with %d chunk(s) not decoded", dropped)
         try:
             self._queue.put_nowait(_STOP)
-        except queue.Full:  # pragma: no cover - cannot happen with a single producer
-            pass
+        except queue.Full:  # cannot happen with a single producer; the join below then times out and says so
+            log.warning("device VAE decoder: could not queue the stop marker (queue full)")
         self._thread.join(timeout=self.close_timeout)
         if self._thread.is_alive():
             log.warning("device VAE decoder: worker still busy after %.0fs; leaving it (daemon thread)", self.close_timeout)
