@@ -4,9 +4,11 @@
     longlive data encode --config C --out DIR [--limit N] [--device D] [field=value ...]
     longlive data synth --out DIR [--samples N] [--seed S] [--frames F] [--height H] [--width W] [--fps 24]
                         [--eval-prompts M] [--eval-chunks C] [--max-shots K]
+                        [--long-eval-prompts L] [--long-eval-chunks C] [--max-shot-chunks M]
 
 synth writes `DIR/video/<sample>/<k>.mp4` + `DIR/caption/<sample>/<k>.json` (one clip per shot, the layout of
-`MultiVideoConcatDataset`) and evaluation prompt folders `DIR/prompts/eval_<i>/` (see
+`MultiVideoConcatDataset`), evaluation prompt folders `DIR/prompts/eval_<i>/` and, with --long-eval-prompts,
+long-horizon prompt folders `DIR/prompts_long/long_<i>/` (many shots of 1..--max-shot-chunks chunks each; see
 `longlive.data.procedural`). It refuses a non-empty DIR that it did not make; a DIR made by synth is rewritten.
 
 Reads `data.data_path` with `MultiVideoConcatDataset` in deterministic mode (start at video 0,
@@ -47,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     synth.add_argument("--eval-prompts", type=int, default=4, help="evaluation prompt folders (default 4)")
     synth.add_argument("--eval-chunks", type=int, default=6, help="chunks of every evaluation prompt (default 6)")
     synth.add_argument("--max-shots", type=int, default=3, help="at most this many shots per sample, 1..3 (default 3)")
+    synth.add_argument("--long-eval-prompts", type=int, default=0,
+                       help="long-horizon evaluation prompt folders under prompts_long/ (default 0: none)")
+    synth.add_argument("--long-eval-chunks", type=int, default=30, help="chunks of every long prompt (default 30)")
+    synth.add_argument("--max-shot-chunks", type=int, default=3,
+                       help="chunks per shot of the long prompts are 1..this (default 3: fits --frames 97)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.data_path=/data/clips")
 
 
@@ -127,7 +134,9 @@ def synth(args: argparse.Namespace) -> int:
         summary = write_procedural_dataset(args.out, samples=args.samples, seed=args.seed, frames=args.frames,
                                            height=args.height, width=args.width, fps=args.fps,
                                            eval_prompts=args.eval_prompts, eval_chunks=args.eval_chunks,
-                                           max_shots=args.max_shots)
+                                           max_shots=args.max_shots, long_eval_prompts=args.long_eval_prompts,
+                                           long_eval_chunks=args.long_eval_chunks,
+                                           max_shot_chunks=args.max_shot_chunks)
     except ValueError as exc:
         raise SystemExit(f"longlive data synth: {exc}") from None
     print(json.dumps(asdict(summary)))

@@ -10,11 +10,19 @@ that objects stay fully inside the frame for the whole shot (the renderer clips,
 (`video/<sample>/<k>.mp4` + `caption/<sample>/<k>.json` holding {"caption", "scene", ...}) and evaluation
 prompt folders `prompts/<name>/{0.json, 1.json, ..., shot_durations.txt}` loadable by
 `longlive.data.prompts.load_prompts`. Everything is a function of the seed: sample i uses the generator
-`default_rng([seed, 0, i])`, eval prompt i `default_rng([seed, 1, i])`, and the MP4 encoder is deterministic,
-so the same arguments give byte-identical files.
+`default_rng([seed, 0, i])`, eval prompt i `default_rng([seed, 1, i])`, long eval prompt i
+`default_rng([seed, 2, i])`, and the MP4 encoder is deterministic, so the same arguments give byte-identical files.
 
-A folder made by synth holds `synth.json` (the arguments). Writing into such a folder replaces its
-`video/`, `caption/`, `prompts/` and `synth.json`; a non-empty folder without `synth.json` is refused.
+Long-horizon evaluation prompts (`long_eval_prompt`, written only when `long_eval_prompts > 0`) go to
+`prompts_long/long_<i>/` in the same format: many shots of 1..`max_shot_chunks` chunks each (summing to
+`long_eval_chunks`), every shot differing from the previous one. Keep `max_shot_chunks` at most the number of
+chunks that fit in one training shot (`frames`; 3 chunks = 93/96 pixel frames for `frames` 97), so that every
+evaluated shot has a ground truth at training speed.
+
+A folder made by synth holds `synth.json` (the arguments; the long-prompt arguments are recorded only when
+`long_eval_prompts > 0`, so earlier arguments still give byte-identical files). Writing into such a folder
+replaces its `video/`, `caption/`, `prompts/`, `prompts_long/` and `synth.json`; a non-empty folder without
+`synth.json` is refused.
 """
 from __future__ import annotations
 
@@ -232,6 +240,11 @@ def eval_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), 1, int(index)])
 
 
+def long_eval_rng(seed: int, index: int) -> np.random.Generator:
+    """Generator of long-horizon evaluation prompt `index` (a stream of its own)."""
+    return np.random.default_rng([int(seed), 2, int(index)])
+
+
 def sample_shot_list(seed: int, index: int, max_shots: int = 3) -> list[SceneParams]:
     """The shots of training sample `index` (1..max_shots of them)."""
     rng = sample_rng(seed, index)
@@ -248,6 +261,32 @@ def eval_prompt(seed: int, index: int, num_chunks: int, max_shots: int = 3) -> t
     return sample_shots(rng, num_shots), durations
 
 
+def long_eval_prompt(seed: int, index: int, num_chunks: int, max_shot_chunks: int = 3
+                     ) -> tuple[list[SceneParams], list[int]]:
+    """Shots and chunks per shot of long-horizon evaluation prompt `index`.
+
+    Durations are drawn uniformly from 1..`max_shot_chunks` (the last one clipped to what is left) until
+    they sum to `num_chunks`; each shot differs from the previous one (`scenes_differ`)."""
+    if num_chunks < 1 or max_shot_chunks < 1:
+        raise ValueError(f"num_chunks and max_shot_chunks must be >= 1, got {num_chunks}, {max_shot_chunks}")
+    rng = long_eval_rng(seed, index)
+    durations: list[int] = []
+    left = int(num_chunks)
+    while left > 0:
+        d = int(rng.integers(1, min(int(max_shot_chunks), left) + 1))
+        durations.append(d)
+        left -= d
+    return sample_shots(rng, len(durations)), durations
+
+
+def _write_prompt_folder(pdir: Path, shots: Sequence[SceneParams], durations: Sequence[int]) -> None:
+    pdir.mkdir(parents=True, exist_ok=True)
+    for k, scene in enumerate(shots):
+        (pdir / f"{k}.json").write_text(json.dumps({"caption": scene.caption(), "scene": scene.to_dict()}, indent=1),
+                                        encoding="utf-8")
+    (pdir / "shot_durations.txt").write_text(" ".join(map(str, durations)) + "\n", encoding="utf-8")
+
+
 # ------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------
@@ -257,6 +296,7 @@ class SynthSummary:
     samples: int
     videos: int
     eval_prompts: int
+    long_eval_prompts: int = 0
 
 
 def _prepare_out(out: Path) -> None:
@@ -266,7 +306,7 @@ def _prepare_out(out: Path) -> None:
         if not (out / MANIFEST).is_file():
             raise ValueError(f"--out {out} is not empty and was not made by `longlive data synth` (no {MANIFEST}); "
                              f"give an empty or new folder")
-        for sub in ("video", "caption", "prompts"):
+        for sub in ("video", "caption", "prompts", "prompts_long"):
             if (out / sub).is_dir():
                 shutil.rmtree(out / sub)
         (out / MANIFEST).unlink()
@@ -285,6 +325,9 @@ def write_procedural_dataset(
     eval_prompts: int = 4,
     eval_chunks: int = 6,
     max_shots: int = 3,
+    long_eval_prompts: int = 0,
+    long_eval_chunks: int = 30,
+    max_shot_chunks: int = 3,
 ) -> SynthSummary:
     """Write the training samples and evaluation prompt folders under `out` (see the module docstring)."""
     from longlive.io.video import save_video
@@ -301,6 +344,15 @@ def write_procedural_dataset(
         raise ValueError(f"--eval-chunks must be >= 1, got {eval_chunks}")
     if not 1 <= max_shots <= 3:
         raise ValueError(f"--max-shots must be in 1..3, got {max_shots}")
+    if long_eval_prompts < 0:
+        raise ValueError(f"--long-eval-prompts must be >= 0, got {long_eval_prompts}")
+    if long_eval_chunks < 1 or max_shot_chunks < 1:
+        raise ValueError(f"--long-eval-chunks and --max-shot-chunks must be >= 1, got {long_eval_chunks}, "
+                         f"{max_shot_chunks}")
+    if long_eval_prompts and 32 * max_shot_chunks > frames:
+        logger.warning("--max-shot-chunks %d: a shot of %d chunks has up to %d pixel frames but training shots have "
+                       "--frames %d; the judge cannot check motion beyond a training shot's length", max_shot_chunks,
+                       max_shot_chunks, 32 * max_shot_chunks, frames)
     root = Path(out)
     _prepare_out(root)
     videos = 0
@@ -315,18 +367,20 @@ def write_procedural_dataset(
             (cdir / f"{k}.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
             videos += 1
     for i in range(eval_prompts):
-        pdir = root / "prompts" / f"eval_{i:03d}"
-        pdir.mkdir(parents=True, exist_ok=True)
-        shots, durations = eval_prompt(seed, i, eval_chunks, max_shots)
-        for k, scene in enumerate(shots):
-            (pdir / f"{k}.json").write_text(json.dumps({"caption": scene.caption(), "scene": scene.to_dict()}, indent=1),
-                                            encoding="utf-8")
-        (pdir / "shot_durations.txt").write_text(" ".join(map(str, durations)) + "\n", encoding="utf-8")
+        _write_prompt_folder(root / "prompts" / f"eval_{i:03d}", *eval_prompt(seed, i, eval_chunks, max_shots))
+    for i in range(long_eval_prompts):
+        _write_prompt_folder(root / "prompts_long" / f"long_{i:03d}",
+                             *long_eval_prompt(seed, i, long_eval_chunks, max_shot_chunks))
     manifest = {"samples": samples, "seed": seed, "frames": frames, "height": height, "width": width, "fps": fps,
                 "eval_prompts": eval_prompts, "eval_chunks": eval_chunks, "max_shots": max_shots}
+    if long_eval_prompts:
+        manifest.update(long_eval_prompts=long_eval_prompts, long_eval_chunks=long_eval_chunks,
+                        max_shot_chunks=max_shot_chunks)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    logger.info("wrote %d procedural samples (%d videos) and %d eval prompts to %s", samples, videos, eval_prompts, root)
-    return SynthSummary(out=str(root), samples=samples, videos=videos, eval_prompts=eval_prompts)
+    logger.info("wrote %d procedural samples (%d videos), %d eval prompts and %d long eval prompts to %s", samples,
+                videos, eval_prompts, long_eval_prompts, root)
+    return SynthSummary(out=str(root), samples=samples, videos=videos, eval_prompts=eval_prompts,
+                        long_eval_prompts=long_eval_prompts)
 
 
 def read_scene(caption_json: str | os.PathLike[str]) -> SceneParams:
@@ -337,5 +391,5 @@ def read_scene(caption_json: str | os.PathLike[str]) -> SceneParams:
 __all__: Sequence[str] = (
     "BACKGROUNDS", "COLOURS", "SHAPES", "SIZES", "MOTIONS", "TRAVEL", "MANIFEST", "SceneObject", "SceneParams",
     "allowed_colours", "render_shot", "sample_scene", "sample_shots", "scenes_differ", "sample_shot_list",
-    "eval_prompt", "write_procedural_dataset", "read_scene", "SynthSummary",
+    "eval_prompt", "long_eval_prompt", "write_procedural_dataset", "read_scene", "SynthSummary",
 )
