@@ -25,6 +25,7 @@ MODEL_NAME_TO_PRESET = {
     "Wan2.2-TI2V-5B": "wan2.2-ti2v-5b",
     "wan2.2-ti2v-5b": "wan2.2-ti2v-5b",
     "tiny": "tiny",
+    "synth": "synth",
 }
 
 # Checkpoint `checkpoint_format` tags of exports that already contain the LoRA (merged).
@@ -61,7 +62,9 @@ class ModelKwargs:
     """`model_kwargs`: construction arguments of the causal DiT wrapper."""
 
     model_name: str = _f("Wan2.2-TI2V-5B", choices=tuple(MODEL_NAME_TO_PRESET),
-                         doc="Wan2.2-TI2V-5B (real model) or tiny (test preset)")
+                         doc="Wan2.2-TI2V-5B (real model), synth (the shipped demo model) or tiny (test preset)")
+    text_encoder: str = _f("auto", choices=("auto", "umt5", "hash"),
+                           doc="auto: the weight-free hash encoder for the tiny and synth presets, UMT5-XXL otherwise")
     timestep_shift: float = _f(5.0, min=0.0)
     num_frame_per_block: int = _f(8, min=1, doc="latent frames per AR chunk")
     local_attn_size: int = _f(-1, min=-1, doc="attention window in latent frames; -1 = whole video")
@@ -124,7 +127,8 @@ class InferenceConfig:
                                        "its own K/V quantized)")
     streaming_vae: bool = _f(False)
     async_vae: bool = _f(False)
-    vae_type: str = _f("wan", choices=("wan", "mg_lightvae", "mg_lightvae_v2", "tiny"))
+    vae_type: str = _f("wan", choices=("wan", "mg_lightvae", "mg_lightvae_v2", "tiny", "patchify"),
+                       doc="patchify: weight-free exact space-to-depth (4x4x4 pixels per latent cell, z_dim 192; demo models)")
     vae_device: Optional[str] = _f(None, doc="dedicated VAE device for streaming decode; None = same device")
     use_ema: bool = _f(False)
     output_folder: str = _f("videos/longlive2")
@@ -283,6 +287,8 @@ class TrainingConfig:
     export_generator: bool = _f(True, doc="with every checkpoint, also write the full generator (and EMA) for inference")
     max_checkpoints: int = _f(20, min=1)
     max_iters: int = _f(600, min=1)
+    max_minutes: Optional[float] = _f(None, min=0.0, doc="also stop (saving a checkpoint) after this much wall-clock "
+                                                         "time of this run's steps; None = no time limit")
     gc_interval: int = _f(100, min=1)
     dfake_gen_update_ratio: int = _f(5, min=1)
     min_num_training_frames: int = _f(32, min=1)

@@ -73,6 +73,14 @@ def _check_frames(c: _Checker) -> None:
         if in_dim is not None and shape[2] != in_dim:
             c.fail("data.image_or_video_shape",
                    f"latent channels C={shape[2]} do not match model '{cfg.model_kwargs.model_name}' ({in_dim} channels).")
+        from longlive.models.vae.patchify import PatchifyVAEConfig
+
+        vae_z = PatchifyVAEConfig().z_dim if cfg.inference.vae_type == "patchify" else 48  # Wan2.2 family: 48
+        if in_dim is not None and in_dim != vae_z:
+            c.fail("inference.vae_type",
+                   f"the {cfg.inference.vae_type} VAE has {vae_z} latent channels but model "
+                   f"'{cfg.model_kwargs.model_name}' takes {in_dim}; use "
+                   f"{'vae_type: patchify' if in_dim == PatchifyVAEConfig().z_dim else 'a Wan2.2-family VAE (wan, mg_lightvae*, tiny)'}.")
         if shape[3] % patch[1] or shape[4] % patch[2]:
             c.fail("data.image_or_video_shape",
                    f"latent H={shape[3]}, W={shape[4]} must be multiples of the patch size {tuple(patch[1:])}.")

@@ -331,6 +331,10 @@ def vae_strides(vae_type: str) -> tuple[int, int]:
     """(temporal, spatial) stride of the VAE of `inference.vae_type` (LightVAE keeps the Wan2.2 strides)."""
     from longlive.models.vae import WanVAEConfig
 
+    if vae_type == "patchify":
+        from longlive.models.vae.patchify import PatchifyVAEConfig
+
+        return PatchifyVAEConfig().temporal_stride, PatchifyVAEConfig().spatial_stride
     cfg = WanVAEConfig.preset("tiny" if vae_type == "tiny" else "wan2.2")
     return cfg.temporal_stride, cfg.spatial_stride
 

@@ -129,8 +129,10 @@ def build_generator(cfg: Config, device: torch.device, dtype: torch.dtype) -> Wa
 
 
 def build_text_encoder(cfg: Config, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtype):
-    """UMT5-XXL from the Wan folder, or the weight-free hash encoder for the tiny preset."""
-    if cfg.model_preset == "tiny":
+    """`model_kwargs.text_encoder`: UMT5-XXL from the Wan folder, or the weight-free hash encoder
+    (`auto`: hash for the tiny and synth presets)."""
+    kind = cfg.model_kwargs.text_encoder
+    if kind == "hash" or (kind == "auto" and cfg.model_preset in ("tiny", "synth")):
         from ..models.text.small import HashTextEncoder
 
         return HashTextEncoder(wan_cfg.text_dim, wan_cfg.text_len, seed=0, device=device, dtype=dtype)
@@ -142,10 +144,15 @@ def build_text_encoder(cfg: Config, wan_cfg: WanConfig, device: torch.device, dt
 
 
 def build_vae(cfg: Config, device: torch.device, dtype: torch.dtype):
-    """The VAE of `inference.vae_type`: Wan2.2 / LightVAE from their files, or the tiny random one."""
+    """The VAE of `inference.vae_type`: Wan2.2 / LightVAE from their files, the tiny random one, or the
+    weight-free patchify VAE."""
     from ..models.vae import WanVAE, WanVAEConfig, load_vae
 
     vae_type = cfg.inference.vae_type
+    if vae_type == "patchify":
+        from ..models.vae.patchify import PatchifyVAE
+
+        return PatchifyVAE().to(device=device, dtype=dtype).eval()
     if vae_type == "tiny":
         torch.manual_seed(cfg.logging.seed + 1)
         return WanVAE(WanVAEConfig.preset("tiny")).to(device=device, dtype=dtype).eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -216,6 +217,18 @@ class LoopResult:
     checkpoints: list[str]
 
 
+def _out_of_time(max_minutes: float | None, started: float, ctx: ParallelContext) -> bool:
+    """True once `max_minutes` have passed; rank 0's clock decides for every rank (they stop together)."""
+    if max_minutes is None:
+        return False
+    late = time.monotonic() - started >= max_minutes * 60
+    if ctx.world_size > 1 and dist.is_initialized():
+        flag = torch.tensor([float(late)], device=ctx.device)
+        dist.broadcast(flag, src=0)
+        late = bool(flag.item())
+    return late
+
+
 def run_training(trainer: Any, record: Any) -> LoopResult:
     """The loop both trainers share: resume, then step / log / gc / evaluate / save to `training.max_iters`
     (or `trainer.max_steps` more steps). `record(step, scalars)` keeps what the trainer reports."""
@@ -228,8 +241,15 @@ def run_training(trainer: Any, record: Any) -> LoopResult:
     saved: list[str] = []
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
+    started = time.monotonic()
     with open_logger(cfg, trainer.logdir, ctx.rank, start) as logger:
         while trainer.step < stop:
+            if _out_of_time(t.max_minutes, started, ctx):
+                log.info("training.max_minutes=%g reached after %d steps of this run: stopping at step %d",
+                         t.max_minutes, trainer.step - start, trainer.step)
+                if trainer.save_enabled and trainer.step > start and trainer.step % t.save_interval:
+                    saved.append(str(trainer.save()))
+                break
             scalars = trainer.train_step()
             record(trainer.step, scalars)
             times.append(scalars["seconds_per_step"])

@@ -69,7 +69,7 @@ class WanConfig:
 
     @staticmethod
     def preset(name: str) -> "WanConfig":
-        """A named architecture: `wan2.2-ti2v-5b` or `tiny` (same code paths, for tests and CPU demos)."""
+        """A named architecture: `wan2.2-ti2v-5b`, `synth` (the demo model) or `tiny` (same code paths, for tests and CPU demos)."""
         key = name.strip().lower()
         if key not in PRESETS:
             close = difflib.get_close_matches(key, PRESETS, n=1)
@@ -148,4 +148,7 @@ PRESETS: dict[str, WanConfig] = {
     # 2 heads of 32 -> RoPE pairs (6, 5, 5), exercising the same split code as 128 -> (22, 21, 21).
     "tiny": WanConfig(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, num_heads=2, num_layers=2,
                       in_dim=48, out_dim=48, text_len=16),
+    # the shipped demo model: pixel-space latents of the patchify VAE (3 x 4 x 4 x 4 = 192 channels)
+    "synth": WanConfig(dim=192, ffn_dim=768, freq_dim=64, text_dim=64, num_heads=3, num_layers=6,
+                       in_dim=192, out_dim=192, text_len=48),
 }
