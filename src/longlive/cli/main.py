@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("longlive.cli.bench", "time generation of a model preset with random weights (steady-state and end-to-end FPS, JSON)"),
     "data": ("longlive.cli.data", "training data tools (encode: videos -> latent files for training)"),
     "decode-latents": ("longlive.cli.decode_latents", "decode saved latents (.pt) to MP4 videos"),
+    "eval": ("longlive.cli.eval", "judge generated videos of the procedural synth world (synth) and validate the judge on ground truth (validate)"),
     "export": ("longlive.cli.export", "export checkpoints (merge-lora: fold a LoRA into the generator; nvfp4: compact NVFP4 or TE weights)"),
     "generate": ("longlive.cli.generate", "generate long videos for the prompts of a config"),
     "train": ("longlive.cli.train", "train the chunk-level AR model (teacher forcing; torchrun for several GPUs)"),

@@ -1,0 +1,1 @@
+"""Evaluation of generated videos (`longlive.eval.synth`: detector and judge for the procedural synth world)."""
