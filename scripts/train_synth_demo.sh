@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The recipe of the shipped demo model (models/synth/), stage by stage, on 2 GPUs (one run per GPU):
-#   bash scripts/train_synth_demo.sh data     # procedural dataset in data/synth (12 processes, 3000 samples)
-#   bash scripts/train_synth_demo.sh ar       # stage 1 with error recycling (GPU 0) and without it (GPU 1)
+#   bash scripts/train_synth_demo.sh ar       # stage 1 with error recycling (GPU 0) and without it (GPU 1);
+#                                             # clips are rendered in memory (data.dataset_type procedural)
+#   bash scripts/train_synth_demo.sh data     # a `data synth` folder (12 processes in parallel) for the DMD prompts
 #   bash scripts/train_synth_demo.sh dmd      # stage 2 from the stage-1 EMA weights: 4 steps (GPU 0), 2 steps (GPU 1)
 #   bash scripts/train_synth_demo.sh export   # models/synth/{ar,ar_noer,dmd4,dmd2}.safetensors (LoRA merged)
 # Every run is bounded by training.max_minutes; the steps reached are in each run's log and manifest.
@@ -11,7 +12,7 @@ DATA=${DATA:-data/synth}
 RUNS=${RUNS:-runs}
 MODELS=${MODELS:-models/synth}
 PARTS=${PARTS:-12}
-PER_PART=${PER_PART:-250}
+PER_PART=${PER_PART:-50}
 
 latest() {  # newest checkpoint folder of a run
   ls -d "$1"/checkpoint_* | sort | tail -n 1
@@ -45,6 +46,7 @@ ar)
   wait
   ;;
 dmd)
+  [ -d "$DATA/caption" ] || bash "$0" data
   AR=$(latest "$RUNS/ar")/generator_ema.safetensors
   base="checkpoints.generator_ckpt=$AR checkpoints.real_score_ckpt=$AR checkpoints.fake_score_ckpt=$AR data.data_path=$DATA"
   CUDA_VISIBLE_DEVICES=0 longlive train --config configs/synth/train_dmd.yaml --logdir "$RUNS/dmd4" $base \

@@ -87,10 +87,14 @@ class DataConfig:
     min_latent_frames: int = _f(0, min=0)
     uniform_prompt: bool = _f(False)
     filter_invalid_folders: bool = _f(False)
-    dataset_type: str = _f("auto", choices=("auto", "videos", "latents", "synthetic"),
+    dataset_type: str = _f("auto", choices=("auto", "videos", "latents", "synthetic", "procedural"),
                            doc="training data: auto = videos if load_raw_video else latents (`longlive data encode` output); "
-                               "synthetic = generated latents (tests, benchmarks)")
-    synthetic_samples: int = _f(64, min=1, doc="number of samples of the synthetic dataset")
+                               "synthetic = generated latents (tests, benchmarks); procedural = the `longlive data synth` "
+                               "world rendered in memory (no files)")
+    synthetic_samples: int = _f(64, min=1, doc="number of samples of the synthetic and procedural datasets")
+    procedural_seed: int = _f(0, min=0, doc="procedural dataset: the `data synth --seed` whose samples it renders")
+    procedural_shot_frames: int = _f(97, min=1, doc="procedural dataset: frames per shot (`data synth --frames`)")
+    procedural_max_shots: int = _f(3, min=1, max=3, doc="procedural dataset: shots per sample (`data synth --max-shots`)")
     num_workers: int = _f(2, min=0, doc="DataLoader worker processes for training data")
     prompt_length_mismatch: str = _f("error", choices=PROMPT_LENGTH_POLICIES,
                                      doc="when shot durations do not sum to the number of chunks")

@@ -99,7 +99,7 @@ class ARTrainer:
         self.ema: EMA | None = None
 
         self.dataset, collate, self.data_kind = dataset_from_config(cfg, self.seed)
-        self.raw_video = self.data_kind == "videos"
+        self.raw_video = self.data_kind in ("videos", "procedural")  # pixels: the VAE encodes them
         load_here = ctx.is_sp_root or not self.raw_video
         workers = cfg.data.num_workers if ctx.device.type == "cuda" else 0
         self.stream = BatchStream(self.dataset, t.batch_size, ctx.dp_rank, ctx.dp_size, self.seed,

@@ -175,6 +175,10 @@ def dataset_from_config(cfg: Config, seed: int):
         _, f, c, h, w = cfg.data.image_or_video_shape
         return SyntheticLatentDataset(cfg.data.synthetic_samples, (c, f, h, w), cfg.frames_per_chunk, seed=seed,
                                       scene_cut_prefix=cfg.inference.scene_cut_prefix), collate_samples, kind
+    if kind == "procedural":
+        from longlive.data.procedural_clips import ProceduralClipDataset
+
+        return ProceduralClipDataset.from_config(cfg, seed), collate_samples, kind
     if cfg.data.data_path is None:
         raise ConfigError(f"{cfg.source}: data.data_path is not set (training {kind})")
     if kind == "latents":
