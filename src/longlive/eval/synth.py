@@ -550,7 +550,10 @@ def judge_file(video_path: str | Path, prompt_folder: str | Path, frames_per_sho
     video_path = Path(video_path)
     frames = read_frames(video_path)
     chunks = (frames.shape[0] - FIRST_CHUNK_FRAMES) / CHUNK_FRAMES + 1
-    shots = load_prompt_shots(prompt_folder, int(chunks) if chunks == int(chunks) and chunks >= 1 else None)
+    try:
+        shots = load_prompt_shots(prompt_folder, int(chunks) if chunks == int(chunks) and chunks >= 1 else None)
+    except SynthEvalError as exc:
+        raise SynthEvalError(f"{video_path}: {exc}") from None
     if frames.shape[0] != expected_frames(shots.num_chunks):
         raise SynthEvalError(f"{video_path}: {frames.shape[0]} frames, but its prompt folder {shots.folder} has "
                              f"{shots.num_chunks} chunks (shot durations {' '.join(map(str, shots.durations))}) = "
