@@ -195,3 +195,36 @@ def test_resumed_run_keeps_the_random_seed_of_its_checkpoint(tmp_path):
         assert fresh.seed != seed  # seed 0 draws a new random seed for a new run
     finally:
         again.ctx.close()
+
+
+# --------------------------------------------------------------------------------------------- time limit, demo data
+def test_max_minutes_stops_the_run_and_saves(tmp_path):
+    cfg = load_config(CONFIG, ["training.max_iters=50", "training.max_minutes=0", *QUIET])
+    trainer = ARTrainer(cfg, tmp_path / "zero", save=True, evaluate=False)
+    try:
+        assert trainer.run().losses == {}  # out of time before the first step
+    finally:
+        trainer.ctx.close()
+    cfg = load_config(CONFIG, ["training.max_iters=50", "training.max_minutes=0.0005", "training.save_interval=1000",
+                               *QUIET])  # 30 ms: a few steps, then a checkpoint at the step reached
+    trainer = ARTrainer(cfg, tmp_path / "short", save=True, evaluate=False)
+    try:
+        steps = len(trainer.run().losses)
+    finally:
+        trainer.ctx.close()
+    assert 1 <= steps < 50
+    assert [p.name for p in (tmp_path / "short").glob("checkpoint_*")] == [f"checkpoint_{steps:06d}"]
+
+
+def test_synth_preset_trains_on_the_procedural_world_with_the_patchify_vae(tmp_path):
+    cfg = load_config(REPO / "configs" / "synth" / "train_ar.yaml", [
+        "training.max_iters=2", "training.batch_size=1", "data.image_or_video_shape=[1,16,192,4,4]",
+        "infra.mixed_precision=false", "training.error_recycling.buffer_warmup_iter=1", "data.num_workers=0",
+        "training.max_minutes=null"])
+    trainer = ARTrainer(cfg, tmp_path, save=False, evaluate=False)
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.ctx.close()
+    assert trainer.data_kind == "procedural" and trainer.raw_video
+    assert len(summary.losses) == 2 and all(torch.isfinite(torch.tensor(v)) for v in summary.losses.values())

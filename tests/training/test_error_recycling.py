@@ -599,3 +599,41 @@ def test_gloo_warmup_gather_never_deadlocks_and_fills_every_rank(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+# ---------------------------------------------------------------- resume without recycling, device buffers
+
+
+def test_run_without_recycling_resumes_its_own_state_but_refuses_real_buffers():
+    off = make(enabled=False)
+    again = make(enabled=False)
+    again.load_state_dict(saved(off))  # a run with recycling off resumes from its own checkpoint
+    assert again.entry_counts("latent") == {}
+    on = make()
+    store(on, [[1.0]], [[0]])
+    with pytest.raises(ValueError, match="holds 2 error-buffer entries.*enabled is false"):
+        make(enabled=False).load_state_dict(saved(on))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_device_buffers_make_the_same_decisions_as_host_buffers(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    kw = dict(latent_inject_prob=1.0, context_inject_prob=1.0, noise_inject_prob=1.0, modulate_factor=0.3,
+              buffer_size_per_bucket=2, n_total=3)
+    host = make(**kw)
+    dev = ErrorRecycler(make_cfg(buffer_device="device", **{k: v for k, v in kw.items() if k != "n_total"}),
+                        chunk_shape=(C, H, W), num_chunks_total=3, frames_per_chunk=FPC, num_train_timesteps=T,
+                        device=device)
+    assert dev.buffer_device.type == device and host.buffer_device.type == "cpu"
+    for rec in (host, dev):
+        run_steps(rec, *gens(1))
+    assert {e.device.type for entries in dev._buffers["latent"].values() for e in entries} == {device}
+    x0 = torch.randn(1, C, 3 * FPC, H, W)
+    a = corrupt(host, [[10, 40, 80]], g=gens(2), x0=x0)
+    b = corrupt(dev, [[10, 40, 80]], g=gens(2), x0=x0.to(device))
+    assert torch.equal(a.x0_in, b.x0_in.cpu()) and torch.equal(a.context, b.context.cpu())
+    state = saved(dev)  # saved on the host, whatever holds the buffers
+    assert all(e.device.type == "cpu" for e in state["buffers"]["latent"]["entries"])
+    host.load_state_dict(state)
+    assert host.entry_counts("latent") == dev.entry_counts("latent")

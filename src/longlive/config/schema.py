@@ -268,6 +268,9 @@ class ErrorRecyclingConfig:
     skip_block_0: bool = _f(False)
     host_memory_budget_gib: float = _f(32.0, min=0.0,
                                        doc="refuse to start if full buffers could exceed this much host RAM per rank")
+    buffer_device: str = _f("cpu", choices=("cpu", "device"),
+                            doc="where the buffers live: cpu (host RAM, the reference) or device (the training GPU: "
+                                "no per-step host copies; for models whose buffers fit beside them)")
 
 
 @dataclass

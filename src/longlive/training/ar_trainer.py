@@ -122,7 +122,7 @@ class ARTrainer:
             er, chunk_shape=(channels, height, width), num_chunks_total=frames // cfg.frames_per_chunk,
             frames_per_chunk=cfg.frames_per_chunk, num_train_timesteps=cfg.algorithm.num_train_timestep,
             sp_rank=ctx.sp_rank if self.sp else 0, sp_size=ctx.sp_size if self.sp else 1,
-            gather=self._warmup_gather if ctx.world_size > 1 else None)
+            gather=self._warmup_gather if ctx.world_size > 1 else None, device=ctx.device)
         self.step = 0
         self.skipped_samples = 0
 

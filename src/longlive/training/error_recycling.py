@@ -58,16 +58,19 @@ class ErrorRecycler:
     """Latent- and noise-error buffers of one rank, with injection into and storage from a training step.
 
     Latents are ``[B, C, F, H, W]`` with ``F = chunks * frames_per_chunk``; one entry is one chunk
-    ``[C, frames_per_chunk, H, W]`` kept in bf16 on the host. With ``cfg.enabled`` false every
+    ``[C, frames_per_chunk, H, W]`` kept in bf16 on the host (or on the training device with
+    ``cfg.buffer_device: device``). With ``cfg.enabled`` false every
     method is a pass-through that stores nothing, draws nothing and never calls ``gather``.
     """
 
     def __init__(self, cfg: ErrorRecyclingConfig, *, chunk_shape: Sequence[int], num_chunks_total: int,
                  frames_per_chunk: int = 8, num_train_timesteps: int = 1000, sp_rank: int = 0, sp_size: int = 1,
-                 gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+                 gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 device: torch.device | str = "cpu") -> None:
         """`chunk_shape` is (C, H, W) of the latent; `num_chunks_total` counts the chunks of the whole clip
         (all SP ranks); `gather` concatenates a tensor along dim 0 over the warm-up group (None: one process).
-        Raises ConfigError when full buffers could exceed `cfg.host_memory_budget_gib`."""
+        `device` is the training device, which holds the buffers when `cfg.buffer_device` is "device".
+        Raises ConfigError when full host buffers could exceed `cfg.host_memory_budget_gib`."""
         if len(tuple(chunk_shape)) != 3 or min(int(s) for s in chunk_shape) < 1:
             raise ValueError(f"ErrorRecycler: chunk_shape must be (C, H, W) of positive sizes, got {tuple(chunk_shape)}")
         if frames_per_chunk < 1 or num_chunks_total < 1 or num_train_timesteps < 1:
@@ -85,6 +88,7 @@ class ErrorRecycler:
         self.sp_rank, self.sp_size = int(sp_rank), int(sp_size)
         self._gather = gather
         self.enabled = bool(cfg.enabled)
+        self.buffer_device = torch.device(device) if cfg.buffer_device == "device" else torch.device("cpu")
         self._stats = {"added": 0, "replaced": 0, "ignored_not_owned": 0, "ignored_invalid": 0,
                        "skipped_clean_updates": 0}
         self._buffers: dict[str, dict[Key, list[torch.Tensor]]] = {k: {} for k in BUFFER_KINDS}
@@ -105,8 +109,9 @@ class ErrorRecycler:
             self.global_block_offset = self.sp_rank * self.num_positions
         self._check_budget()
         logger.info("error recycling: %d owned buckets x %d positions x %d entries of %.2f MiB, "
-                    "worst case %.2f GiB host RAM for both buffers", len(self.owned_buckets), self.num_positions,
-                    cfg.buffer_size_per_bucket, self.entry_bytes / 2**20, self.worst_case_bytes() / _GIB)
+                    "worst case %.2f GiB on %s for both buffers", len(self.owned_buckets), self.num_positions,
+                    cfg.buffer_size_per_bucket, self.entry_bytes / 2**20, self.worst_case_bytes() / _GIB,
+                    self.buffer_device)
 
     # ------------------------------------------------------------------ configuration
 
@@ -142,6 +147,8 @@ class ErrorRecycler:
 
     def _check_budget(self) -> None:
         cfg = self.cfg
+        if self.buffer_device.type != "cpu":
+            return  # device buffers: an out-of-memory error names the device
         worst = self.worst_case_bytes()
         budget = cfg.host_memory_budget_gib * _GIB
         if worst <= budget:
@@ -315,7 +322,7 @@ class ErrorRecycler:
         if not update:
             self._stats["skipped_clean_updates"] += 1
             return
-        host_payload = payload.to("cpu")
+        host_payload = payload.to(self.buffer_device)
         for row, (position, bucket, ok) in enumerate(meta.cpu().tolist()):
             if not ok:
                 self._stats["ignored_invalid"] += 1
@@ -380,17 +387,22 @@ class ErrorRecycler:
             keys, entries = [], []
             for key, values in sorted(self._buffers[kind].items()):
                 keys.extend([list(key)] * len(values))
-                entries.extend(values)
+                entries.extend(v.cpu() for v in values)
             buffers[kind] = {"keys": torch.tensor(keys, dtype=torch.long).reshape(-1, 2), "entries": entries}
         return {"format": STATE_FORMAT, "geometry": self._geometry(), "buffers": buffers, "stats": dict(self._stats)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore buffers saved by `state_dict`; refuses another geometry, SP layout or position offset."""
-        if not self.enabled:
-            raise ValueError(f"ErrorRecycler: cannot load error buffers while {FIELD}.enabled is false")
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         if found != STATE_FORMAT:
             raise ValueError(f"ErrorRecycler: not an error-buffer state (format {found!r}, expected {STATE_FORMAT!r})")
+        if not self.enabled:
+            stored = sum(len(state["buffers"][kind]["entries"]) for kind in BUFFER_KINDS)
+            if stored:  # dropping them silently would lose them at the next save
+                raise ValueError(f"ErrorRecycler: the checkpoint holds {stored} error-buffer entries but "
+                                 f"{FIELD}.enabled is false; enable it to resume with them")
+            return  # a run without error recycling resumes its own (empty) state
+
         saved, ours = state["geometry"], self._geometry()
         diffs = [f"{k}: saved {saved.get(k)!r}, this run {v!r}" for k, v in ours.items() if saved.get(k) != v]
         if diffs:
@@ -409,7 +421,7 @@ class ErrorRecycler:
                 if tuple(entry.shape) != self.entry_shape:
                     raise ValueError(f"ErrorRecycler: {kind} entry of shape {tuple(entry.shape)}, expected "
                                      f"{self.entry_shape}")
-                restored[kind].setdefault((pos, bucket), []).append(entry.to("cpu", ENTRY_DTYPE))
+                restored[kind].setdefault((pos, bucket), []).append(entry.to(self.buffer_device, ENTRY_DTYPE))
             for key, values in restored[kind].items():
                 if len(values) > self.cfg.buffer_size_per_bucket:
                     raise ValueError(f"ErrorRecycler: saved {kind} bucket {key} holds {len(values)} entries, more "

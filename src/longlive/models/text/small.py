@@ -32,6 +32,7 @@ class HashTextEncoder:
             raise ValueError(f"HashTextEncoder needs dim >= 2 and text_len >= 1, got {dim} and {text_len}")
         self.dim, self.text_len, self.seed = dim, text_len, seed
         self._warned: set[str] = set()
+        self._vectors: dict[str, torch.Tensor] = {}
         self.device, self._dtype = torch.device(device), dtype
         pos = torch.arange(text_len, dtype=torch.float64)[:, None]
         freq = torch.pow(10000.0, -torch.arange(0, dim, 2, dtype=torch.float64) / dim)
@@ -45,9 +46,12 @@ class HashTextEncoder:
         return self._dtype
 
     def word_vector(self, word: str) -> torch.Tensor:
-        digest = hashlib.blake2b(f"{self.seed}:{word}".encode(), digest_size=8).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-        return torch.randn(self.dim, generator=g) / math.sqrt(self.dim) * 4
+        vec = self._vectors.get(word)
+        if vec is None:  # one generator per new word; training re-encodes the same few words every step
+            digest = hashlib.blake2b(f"{self.seed}:{word}".encode(), digest_size=8).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+            vec = self._vectors[word] = torch.randn(self.dim, generator=g) / math.sqrt(self.dim) * 4
+        return vec
 
     def words(self, prompt: str) -> list[str]:
         words = _WORD.findall(clean_prompt(prompt).lower())
@@ -63,8 +67,8 @@ class HashTextEncoder:
         out = torch.zeros(len(prompts), self.text_len, self.dim)
         for i, prompt in enumerate(prompts):
             words = self.words(prompt)
-            for j, w in enumerate(words):
-                out[i, j] = self.word_vector(w) + self._positions[j]
+            if words:
+                out[i, : len(words)] = torch.stack([self.word_vector(w) for w in words]) + self._positions[: len(words)]
         return out.to(self.device, self._dtype)
 
     def encode_chunks(self, prompts: Sequence[Sequence[str]]) -> torch.Tensor:
