@@ -7,7 +7,8 @@
 #   bash scripts/train_synth_demo.sh export   # models/synth/{ar,ar_noer,dmd4,dmd2}.safetensors (LoRA merged)
 # Every run is bounded by training.max_minutes; the steps reached are in each run's log and manifest.
 set -euo pipefail
-stage=${1:?usage: train_synth_demo.sh data|ar|dmd|export}
+stage=${1:?usage: train_synth_demo.sh data|ar|dmd|export [field=value ...]}
+shift
 DATA=${DATA:-data/synth}
 RUNS=${RUNS:-runs}
 MODELS=${MODELS:-models/synth}
@@ -39,20 +40,22 @@ data)
   echo "dataset: $(ls "$DATA/video" | wc -l) samples, $(find "$DATA/video" -name '*.mp4' | wc -l) shots in $DATA"
   ;;
 ar)
-  CUDA_VISIBLE_DEVICES=0 longlive train --config configs/synth/train_ar.yaml --logdir "$RUNS/ar" \
-    data.data_path="$DATA" > "$RUNS.ar.log" 2>&1 &
-  CUDA_VISIBLE_DEVICES=1 longlive train --config configs/synth/train_ar.yaml --logdir "$RUNS/ar_noer" \
-    data.data_path="$DATA" training.error_recycling.enabled=false > "$RUNS.ar_noer.log" 2>&1 &
+  # (re-running resumes each run from its newest checkpoint for another training.max_minutes)
+  # 8 CPU threads each: the error-recycling run otherwise takes every core and starves the other one
+  OMP_NUM_THREADS=8 CUDA_VISIBLE_DEVICES=0 longlive train --config configs/synth/train_ar.yaml --logdir "$RUNS/ar" \
+    "$@" >> "$RUNS.ar.log" 2>&1 &
+  OMP_NUM_THREADS=8 CUDA_VISIBLE_DEVICES=1 longlive train --config configs/synth/train_ar.yaml --logdir "$RUNS/ar_noer" \
+    training.error_recycling.enabled=false "$@" >> "$RUNS.ar_noer.log" 2>&1 &
   wait
   ;;
 dmd)
   [ -d "$DATA/caption" ] || bash "$0" data
-  AR=$(latest "$RUNS/ar")/generator_ema.safetensors
+  AR=$(latest "$RUNS/${AR_RUN:-ar}")/generator_ema.safetensors
   base="checkpoints.generator_ckpt=$AR checkpoints.real_score_ckpt=$AR checkpoints.fake_score_ckpt=$AR data.data_path=$DATA"
   CUDA_VISIBLE_DEVICES=0 longlive train --config configs/synth/train_dmd.yaml --logdir "$RUNS/dmd4" $base \
-    inference.sampling_steps=4 > "$RUNS.dmd4.log" 2>&1 &
+    inference.sampling_steps=4 "$@" > "$RUNS.dmd4.log" 2>&1 &
   CUDA_VISIBLE_DEVICES=1 longlive train --config configs/synth/train_dmd.yaml --logdir "$RUNS/dmd2" $base \
-    inference.sampling_steps=2 > "$RUNS.dmd2.log" 2>&1 &
+    inference.sampling_steps=2 "$@" > "$RUNS.dmd2.log" 2>&1 &
   wait
   ;;
 export)
