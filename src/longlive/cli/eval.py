@@ -2,6 +2,7 @@
 
     longlive eval synth --videos DIR --prompts DIR --dataset DIR [--buckets 3 | 0,3,6,12] [--json OUT]
     longlive eval validate --dataset DIR [--json OUT] [--no-mp4]
+    longlive eval quality --spec configs/synth/quality.yaml [--work DIR] [--markdown F] [--json F]
 
 synth matches every `NNNN-<sample>-seed<S>.mp4` of --videos (what `longlive generate` writes) to the prompt
 folder `<sample>` of --prompts (e.g. `<dataset>/prompts` or `<dataset>/prompts_long`), reads the training timing
@@ -37,7 +38,7 @@ def _buckets(text: str) -> int | list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = ("synth --videos DIR --prompts DIR --dataset DIR [--buckets W|E0,E1,..] [--json OUT]; "
-                "validate --dataset DIR [--json OUT]. No --config: the timing comes from the dataset's synth.json.")
+                "validate --dataset DIR [--json OUT]; quality --spec S [--markdown F]. No --config: the timing comes from the dataset's synth.json.")
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     s = sub.add_parser("synth", help="judge generated videos against their procedural prompt folders",
                        description="Judge `longlive generate` videos of the procedural world chunk by chunk.")
@@ -53,6 +54,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--dataset", required=True, help="the `longlive data synth` folder")
     v.add_argument("--json", help="write the result here")
     v.add_argument("--no-mp4", action="store_true", help="skip the H.264 round trip of the prompt renders")
+    q = sub.add_parser("quality", help="generate the evaluation prompts with every variant of a spec, judge them, "
+                                       "write the quality table",
+                       description="The quality table (docs/quality.md): see longlive.eval.quality for the spec.")
+    q.add_argument("--spec", required=True, help="quality spec YAML (e.g. configs/synth/quality.yaml)")
+    q.add_argument("--work", default="outputs/quality", help="evaluation data and generated videos go here")
+    q.add_argument("--markdown", help="write the tables here (e.g. docs/quality.md's generated part)")
+    q.add_argument("--json", help="write every variant's full summary here")
+    q.add_argument("--device", help="generation device (default: cuda if available, else cpu)")
 
 
 def _write_json(path: str | None, data: Any) -> None:
@@ -66,6 +75,26 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.synth import SynthEvalError, judge_folder, summary_table, validate_detector
 
     try:
+        if args.action == "quality":
+            import shlex
+            import sys
+
+            from ..eval.quality import QualitySpecError, load_spec, quality_markdown, run_quality
+
+            try:
+                spec = load_spec(args.spec)
+            except QualitySpecError as exc:
+                raise SystemExit(f"longlive eval quality: {exc}") from None
+            results = run_quality(spec, args.work, device=args.device)
+            table = quality_markdown(results, command="longlive " + shlex.join(["eval", *sys.argv[sys.argv.index("eval") + 1:]])
+                                     if "eval" in sys.argv else "")
+            print(table)
+            if args.markdown:
+                Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.markdown).write_text(table, encoding="utf-8")
+                print(f"wrote {args.markdown}")
+            _write_json(args.json, results)
+            return 0
         if args.action == "synth":
             result = judge_folder(args.videos, args.prompts, args.dataset, buckets=args.buckets)
             print(summary_table(result, title=f"{result['videos']} video(s), {result['chunks']} chunk(s), "
@@ -86,4 +115,4 @@ def run(args: argparse.Namespace) -> int:
             return 0
     except SynthEvalError as exc:
         raise SystemExit(f"longlive eval {args.action}: {exc}") from None
-    raise SystemExit(f"unknown eval action {args.action!r}; choose synth or validate")
+    raise SystemExit(f"unknown eval action {args.action!r}; choose synth, validate or quality")
