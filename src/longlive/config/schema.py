@@ -62,7 +62,7 @@ class ModelKwargs:
     """`model_kwargs`: construction arguments of the causal DiT wrapper."""
 
     model_name: str = _f("Wan2.2-TI2V-5B", choices=tuple(MODEL_NAME_TO_PRESET),
-                         doc="Wan2.2-TI2V-5B (real model), synth (the shipped demo model) or tiny (test preset)")
+                         doc="Wan2.2-TI2V-5B (real model), synth (the demo-model preset) or tiny (test preset)")
     text_encoder: str = _f("auto", choices=("auto", "umt5", "hash"),
                            doc="auto: the weight-free hash encoder for the tiny and synth presets, UMT5-XXL otherwise")
     timestep_shift: float = _f(5.0, min=0.0)

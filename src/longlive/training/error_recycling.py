@@ -322,7 +322,7 @@ class ErrorRecycler:
         if not update:
             self._stats["skipped_clean_updates"] += 1
             return
-        host_payload = payload.to(self.buffer_device)
+        stored = payload.to(self.buffer_device)
         for row, (position, bucket, ok) in enumerate(meta.cpu().tolist()):
             if not ok:
                 self._stats["ignored_invalid"] += 1
@@ -336,7 +336,7 @@ class ErrorRecycler:
                                    f"{self.sp_rank}'s chunks; with position bucketing `gather` must run over the "
                                    "data-parallel group (ranks with the same sp_rank)")
             for i, kind in enumerate(BUFFER_KINDS):
-                self._add(kind, (pos_key, bucket), host_payload[row, i].clone(), local_gen)
+                self._add(kind, (pos_key, bucket), stored[row, i].clone(), local_gen)
 
     def _add(self, kind: str, key: Key, entry: torch.Tensor, local_gen: torch.Generator) -> None:
         """Append, or replace per `replacement_strategy` when the (position, bucket) is full."""
@@ -402,7 +402,6 @@ class ErrorRecycler:
                 raise ValueError(f"ErrorRecycler: the checkpoint holds {stored} error-buffer entries but "
                                  f"{FIELD}.enabled is false; enable it to resume with them")
             return  # a run without error recycling resumes its own (empty) state
-
         saved, ours = state["geometry"], self._geometry()
         diffs = [f"{k}: saved {saved.get(k)!r}, this run {v!r}" for k, v in ours.items() if saved.get(k) != v]
         if diffs:
