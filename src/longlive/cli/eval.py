@@ -2,7 +2,7 @@
 
     longlive eval synth --videos DIR --prompts DIR --dataset DIR [--buckets 3 | 0,3,6,12] [--json OUT]
     longlive eval validate --dataset DIR [--json OUT] [--no-mp4]
-    longlive eval quality --spec configs/synth/quality.yaml [--work DIR] [--markdown F] [--json F]
+    longlive eval quality --spec examples/quality/synth.yaml [--work DIR] [--markdown F] [--json F]
 
 synth matches every `NNNN-<sample>-seed<S>.mp4` of --videos (what `longlive generate` writes) to the prompt
 folder `<sample>` of --prompts (e.g. `<dataset>/prompts` or `<dataset>/prompts_long`), reads the training timing
@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q = sub.add_parser("quality", help="generate the evaluation prompts with every variant of a spec, judge them, "
                                        "write the quality table",
                        description="The quality table (docs/quality.md): see longlive.eval.quality for the spec.")
-    q.add_argument("--spec", required=True, help="quality spec YAML (e.g. configs/synth/quality.yaml)")
+    q.add_argument("--spec", required=True, help="quality spec YAML (e.g. examples/quality/synth.yaml)")
     q.add_argument("--work", default="outputs/quality", help="evaluation data and generated videos go here")
     q.add_argument("--markdown", help="write the tables here (e.g. docs/quality.md's generated part)")
     q.add_argument("--json", help="write every variant's full summary here")
