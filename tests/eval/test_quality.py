@@ -65,3 +65,19 @@ def test_bad_specs_and_missing_checkpoints_fail_before_generating(tmp_path, rand
     with pytest.raises(ConfigError, match="checkpoints.generator_ckpt"):
         run_quality(missing, tmp_path / "work", device="cpu")
     assert not list((tmp_path / "work").glob("2_steps*"))
+
+
+def test_evaluation_data_is_rewritten_when_the_spec_changes(tmp_path, random_synth_ckpt, caplog):
+    spec = load_spec(write_spec(tmp_path, random_synth_ckpt))
+    spec["variants"] = spec["variants"][:1]
+    run_quality(spec, tmp_path / "work", device="cpu")
+    first = (tmp_path / "work" / "data" / "prompts_long" / "long_000" / "0.json").read_text()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="longlive.eval.quality"):
+        run_quality(spec, tmp_path / "work", device="cpu")  # same arguments: the data is reused
+    assert "writing the evaluation data" not in caplog.text
+    spec["dataset"]["seed"] = 4
+    with caplog.at_level("INFO", logger="longlive.eval.quality"):
+        run_quality(spec, tmp_path / "work", device="cpu")
+    assert "writing the evaluation data" in caplog.text
+    assert (tmp_path / "work" / "data" / "prompts_long" / "long_000" / "0.json").read_text() != first

@@ -128,12 +128,8 @@ def run(request, tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Reference encodes with the same thread count as the workers (bit-equal comparisons)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """One intra-op thread for every test here (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,8 @@ WAIT = 10.0  # generous upper bound for waits that normally end in milliseconds
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run fastest single-threaded (and the device worker is a second thread)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """One intra-op thread for every test here (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

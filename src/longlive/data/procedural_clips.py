@@ -22,6 +22,7 @@ from longlive.data.video_dataset import (
     item_generator,
     load_with_fallback,
     plan_clip,
+    random_clip_start,
     vae_strides,
 )
 
@@ -75,12 +76,7 @@ class ProceduralClipDataset(torch.utils.data.Dataset):
                       temporal_stride=self.temporal_stride)
         start = (0, 0)
         if self.train:  # as MultiVideoConcatDataset: a random start among those that hold a whole clip
-            step = max(1, (self.shot_frames - 1) // 50)
-            starts = [(v, f) for v in range(len(shots)) for f in range(0, self.shot_frames, step)
-                      if plan_clip(lambda _: info, len(shots), (v, f), exact_start=True, **kwargs).complete]
-            if starts:
-                g = item_generator(self.seed, self.epoch, index)
-                start = starts[int(torch.randint(len(starts), (1,), generator=g))]
+            start = random_clip_start(lambda _: info, len(shots), item_generator(self.seed, self.epoch, index), **kwargs)
         plan = plan_clip(lambda _: info, len(shots), start, **kwargs)
         name = f"sample_{index:03d}"
         if not plan.complete:

@@ -182,6 +182,19 @@ def plan_clip(
     return best
 
 
+def random_clip_start(video: Callable[[int], SourceVideo], num_videos: int, generator: torch.Generator,
+                      **plan_kwargs: Any) -> tuple[int, int]:
+    """A random (video, source frame) among the candidate starts (every max_start // 50 frames of every
+    video) from which `plan_clip` places the whole clip; (0, 0) when none does."""
+    starts = []
+    for v in range(num_videos):
+        max_start = video(v).num_frames - 1
+        for f in range(0, max_start + 1, max(1, max_start // _CANDIDATES_PER_VIDEO)):
+            if plan_clip(video, num_videos, (v, f), exact_start=True, **plan_kwargs).complete:
+                starts.append((v, f))
+    return starts[int(torch.randint(len(starts), (1,), generator=generator))] if starts else (0, 0)
+
+
 def _plan_from(video: Callable[[int], SourceVideo], num_videos: int, L: int, num_chunks: int, s: int,
                max_chunks_per_shot: int, partial: bool, fps: float, first: list[tuple[int, int]],
                single_video: bool) -> Plan:
@@ -461,16 +474,7 @@ class MultiVideoConcatDataset(torch.utils.data.Dataset):
         kwargs = dict(frames_per_chunk=self.frames_per_chunk, num_chunks=self.num_chunks,
                       temporal_stride=self.temporal_stride, max_chunks_per_shot=self.max_chunks_per_shot,
                       single_video=self.uniform_prompt, fps=self.fps)
-        start = (0, 0)
-        if generator is not None:
-            starts = []
-            for v in range(len(videos)):
-                max_start = info(v).num_frames - 1
-                for f in range(0, max_start + 1, max(1, max_start // _CANDIDATES_PER_VIDEO)):
-                    if plan_clip(info, len(videos), (v, f), exact_start=True, **kwargs).complete:
-                        starts.append((v, f))
-            if starts:
-                start = starts[int(torch.randint(len(starts), (1,), generator=generator))]
+        start = (0, 0) if generator is None else random_clip_start(info, len(videos), generator, **kwargs)
         plan = plan_clip(info, len(videos), start, partial=self.allow_padding, **kwargs)
         if not plan.complete:
             needed = max(self.min_latent_frames, 1)

@@ -110,7 +110,13 @@ def run_quality(spec: Mapping[str, Any], work: str | Path, *, device: str | None
 
     work = Path(work)
     data = work / "data"
-    if not (data / MANIFEST).is_file() or json.loads((data / MANIFEST).read_text()).get("seed") != spec["dataset"]["seed"]:
+    manifest = json.loads((data / MANIFEST).read_text()) if (data / MANIFEST).is_file() else {}
+    wanted = dict(spec["dataset"])
+    if not wanted["long_eval_prompts"]:  # synth.json records the long-prompt arguments only when there are some
+        for k in ("long_eval_prompts", "long_eval_chunks", "max_shot_chunks"):
+            wanted.pop(k)
+    if any(manifest.get(k) != v for k, v in wanted.items()):
+        log.info("writing the evaluation data to %s", data)  # missing, or made with other arguments
         write_procedural_dataset(data, **spec["dataset"])
     plans = []
     for v in spec["variants"]:

@@ -53,9 +53,5 @@ def vh():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run fastest single-threaded; avoids OpenMP spin contention on shared CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """One intra-op thread for every test here (see tests/conftest.py)."""
