@@ -1,4 +1,5 @@
 """WanModel: config/presets, key layout, diffusers equivalence, and the execution modes agreeing."""
+import dataclasses
 import time
 
 import pytest
@@ -109,6 +110,32 @@ def _chunkwise(model, x, t, c, chunk=8, **cache_kw):
         ctx = c[:, s // chunk] if c.dim() == 4 else c
         outs.append(model(x[:, :, s:s + chunk], t[:, s:s + chunk], ctx, kv_cache=cache))
     return torch.cat(outs, dim=2)
+
+
+@torch.no_grad()
+def test_sample_prediction_turns_the_head_output_into_the_same_velocity():
+    """prediction="sample": the head's output is x0; forward returns (x_t - x0) / sigma in every mode, so
+    x_t - sigma * v gives x0 back (sigma >= SAMPLE_MIN_SIGMA), and the config round-trips."""
+    from longlive.models.wan.model import SAMPLE_MIN_SIGMA
+    cfg = dataclasses.replace(TINY, prediction="sample")
+    flow, sample = _model(), _model(cfg=cfg)  # same seed: same weights
+    x, t, c = _inputs(f=16, prompts=2)
+    t[0, :8] = 10.0  # sigma 0.01: the floor applies
+    sigma = (t / 1000).clamp_min(SAMPLE_MIN_SIGMA)[:, None, :, None, None]
+    x0 = flow(x, t, c, chunk_frames=8)  # the raw head output
+    v = sample(x, t, c, chunk_frames=8)
+    assert torch.allclose(v, (x - x0) / sigma, atol=1e-4, rtol=1e-5)
+    assert torch.allclose((x - sigma * v)[1], x0[1], atol=1e-5)
+    # the cached chunk mode converts too (one chunk, empty cache: the same as the first block-causal chunk)
+    cache = KVCache.for_model(cfg, batch_size=2, latent_height=4, latent_width=6, window_frames=-1, max_frames=16,
+                              dtype=torch.float32)
+    cache.begin_chunk(0)
+    assert torch.allclose(sample(x[:, :, :8], t[:, :8], c[:, 0], kv_cache=cache), v[:, :, :8], atol=1e-4, rtol=1e-5)
+    assert WanConfig.from_dict(cfg.to_dict()) == cfg and WanConfig.from_dict(cfg.to_diffusers_dict()) == cfg
+    assert "prediction" not in TINY.to_dict() and "prediction" not in TINY.to_diffusers_dict()
+    assert WanConfig.preset("synth").prediction == "sample"
+    with pytest.raises(ValueError, match="prediction='eps' must be 'flow' or 'sample'"):
+        dataclasses.replace(TINY, prediction="eps")
 
 
 @torch.no_grad()

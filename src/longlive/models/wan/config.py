@@ -45,6 +45,12 @@ class WanConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     rope_theta: float = field(default=10000.0)
+    # What the output head predicts. "flow": the velocity noise - x0 (every Wan checkpoint). "sample": the
+    # clean latent x0, turned into the same velocity by `forward` (see `SAMPLE_MIN_SIGMA`), for pixel-space
+    # models whose patch tokens are wider than the model (the `synth` preset: 768 values per token in 192
+    # dims), which cannot carry the per-pixel noise a velocity holds (Li & He 2025, "Back to Basics: Let
+    # Denoising Generative Models Denoise").
+    prediction: str = "flow"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -56,6 +62,8 @@ class WanConfig:
             raise ValueError(f"WanConfig head_dim={self.head_dim} must be even and >= 6 for 3-axis RoPE")
         if self.freq_dim % 2:
             raise ValueError(f"WanConfig.freq_dim={self.freq_dim} must be even")
+        if self.prediction not in ("flow", "sample"):
+            raise ValueError(f"WanConfig.prediction={self.prediction!r} must be 'flow' or 'sample'")
 
     @property
     def head_dim(self) -> int:
@@ -120,6 +128,8 @@ class WanConfig:
         d = dataclasses.asdict(self)
         d["patch_size"] = list(self.patch_size)
         d.pop("rope_theta")
+        if self.prediction == "flow":  # not a field of the original Wan config.json
+            d.pop("prediction")
         return {"_class_name": "WanModel", "model_type": "ti2v", **d}
 
     def to_diffusers_dict(self) -> dict[str, Any]:
@@ -140,6 +150,7 @@ class WanConfig:
             "eps": self.eps,
             # diffusers has no text_len field (Wan always pads to 512); keep ours when it differs
             **({"text_len": self.text_len} if self.text_len != 512 else {}),
+            **({"prediction": self.prediction} if self.prediction != "flow" else {}),
         }
 
 
@@ -150,5 +161,5 @@ PRESETS: dict[str, WanConfig] = {
                       in_dim=48, out_dim=48, text_len=16),
     # the shipped demo model: pixel-space latents of the patchify VAE (3 x 4 x 4 x 4 = 192 channels)
     "synth": WanConfig(dim=192, ffn_dim=768, freq_dim=64, text_dim=64, num_heads=3, num_layers=6,
-                       in_dim=192, out_dim=192, text_len=48),
+                       in_dim=192, out_dim=192, text_len=48, prediction="sample"),
 }

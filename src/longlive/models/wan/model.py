@@ -167,6 +167,10 @@ class Head(nn.Module):
 
 
 KEEP_ADAPTERS = object()  # forward(adapter=...) default: leave LoRA adapters as they are
+# prediction="sample": velocity = (x_t - x0_pred) / sigma with sigma = t / 1000, kept >= this (as JiT clips
+# it) so that the nearly clean frames of a training batch cannot blow the flow loss up; 0 at t = 0 is the
+# same floor. Above it, x_t - sigma * velocity gives x0_pred back exactly.
+SAMPLE_MIN_SIGMA = 0.05
 
 
 def _with_adapter(block: nn.Module, adapter: str | None, *args):
@@ -366,7 +370,11 @@ class WanModel(nn.Module):
         out = self.head(h, e)
         if plan.sp is not None:
             out = plan.sp.gather_tokens(out)
-        return self.unpatchify(out, grid).to(x.dtype)
+        out = self.unpatchify(out, grid)
+        if self.config.prediction == "sample":  # the head predicted x0: the same velocity every caller expects
+            sigma = (t.float() / 1000.0).clamp_min(SAMPLE_MIN_SIGMA)[:, None, :, None, None]
+            out = (x.float() - out.float()) / sigma
+        return out.to(x.dtype)
 
     def _teacher_forcing_plan(self, x, clean_x, clean_t, tokens, e0, grid, prompts, chunk_frames,
                               frame_positions, attention):
