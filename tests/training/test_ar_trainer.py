@@ -53,6 +53,21 @@ def losses(summary: dict) -> dict[int, float]:
     return {int(k): v for k, v in summary["losses"].items()}
 
 
+def test_training_noise_is_drawn_on_the_device_from_the_cpu_stream():
+    from longlive.training.teacher_forcing import device_normal
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        a = device_normal((2, 3, 4), g1, device)
+        assert a.device.type == device and a.dtype == torch.float32
+        assert torch.equal(a, device_normal((2, 3, 4), g2, device))  # same CPU state: same noise (SP ranks, resume)
+        assert torch.equal(g1.get_state(), g2.get_state())  # one draw of the CPU stream each
+        assert not torch.equal(device_normal((2, 3, 4), g1, device), a)  # the stream moved on
+        x = device_normal((200_000,), torch.Generator().manual_seed(0), device, torch.bfloat16)
+        assert x.dtype == torch.bfloat16 and abs(float(x.float().mean())) < 0.01 and abs(float(x.float().std()) - 1) < 0.01
+
+
 # --------------------------------------------------------------------------------------------- learning
 def test_tiny_run_on_synthetic_data_lowers_the_loss(tmp_path):
     cfg = load_config(CONFIG, ["training.max_iters=100", *QUIET])

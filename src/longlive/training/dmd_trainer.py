@@ -31,6 +31,7 @@ from longlive.training.dmd import critic_flow_loss, dmd_generator_loss, dmd_grad
 from longlive.training.roles import DMDNetworks, Role, build_networks
 from longlive.training.rollout import rollout
 from longlive.training.runtime import BatchStream, RngStreams, export_generator, resolve_seed, run_training
+from longlive.training.teacher_forcing import device_normal
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +213,14 @@ class DMDTrainer:
                                  num_train_timesteps=self.cfg.algorithm.num_train_timestep).to(x.device)
         t_frames = t.repeat_interleave(n, dim=1)
         sigma = self.schedule.sigma(t_frames).to(x.device)  # nearest training-schedule sigma
-        noise = torch.randn(x.shape, generator=self.rng.local).to(x.device, x.dtype)
+        noise = device_normal(x.shape, self.rng.local, x.device, x.dtype)
         s = sigma[:, None, :, None, None].to(x.dtype)
         return (1 - s) * x.detach() + s * noise, t_frames, sigma, noise
 
     def _rollout(self, prompts_embeds: torch.Tensor, cuts, chunks: int, exit_step: int, grad: bool) -> torch.Tensor:
         b = prompts_embeds.shape[0]
         c, h, w = self.latent_chw
-        noise = torch.randn(b, c, chunks * self.cfg.frames_per_chunk, h, w, generator=self.rng.local)
-        noise = noise.to(self.ctx.device, self.dtype)
+        noise = device_normal((b, c, chunks * self.cfg.frames_per_chunk, h, w), self.rng.local, self.ctx.device, self.dtype)
         return rollout(self.nets.generator, self.nets.generator.config, noise, prompts_embeds, options=self.options,
                        exit_step=exit_step, scene_cuts=cuts, grad=grad)
 
