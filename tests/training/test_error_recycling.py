@@ -616,9 +616,7 @@ def test_run_without_recycling_resumes_its_own_state_but_refuses_real_buffers():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_device_buffers_make_the_same_decisions_as_host_buffers(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+def test_device_buffers_make_the_same_decisions_as_host_buffers(device):  # cuda: skipped by conftest without a GPU
     kw = dict(latent_inject_prob=1.0, context_inject_prob=1.0, noise_inject_prob=1.0, modulate_factor=0.3,
               buffer_size_per_bucket=2, n_total=3)
     host = make(**kw)
