@@ -2,6 +2,7 @@
 
     longlive bench --preset tiny --height 64 --width 64 --device cpu --vae tiny      # CPU smoke run
     longlive bench --compile --steps 4 --json bench.json                             # 5B at 704x1280, one GPU
+    longlive bench --compile --steps 4 --decode none --ceiling                       # side by side with the ceiling
     torchrun --nproc_per_node=4 -m longlive.cli.main bench --compile --steps 2       # sequence parallel over 4 GPUs
 
 Under torchrun the ranks form sequence-parallel groups of --sp-size (default: all ranks, one group);
@@ -46,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default=None, help="keep the MP4 files here (default: a temporary folder)")
     p.add_argument("--json", default=None, help="write the report to this JSON file")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also time the chunk's matrix products and attention alone with the best kernels (the FPS "
+                        "ceiling, longlive.pipelines.ceiling) and report the loop's fraction of it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     spec = BenchSpec(preset=args.preset, height=args.height, width=args.width, steps=args.steps, chunks=args.chunks,
                      warmup_chunks=args.warmup_chunks, chunk_frames=args.chunk_frames, window_frames=args.window,
                      sink_frames=args.sink, decode=args.decode, vae=args.vae, vae_device=args.vae_device, quant=args.quant,
-                     kv=args.kv, kv_comm=args.kv_comm, compile=args.compile, dtype=dtype, seed=args.seed, output_dir=args.output_dir)
+                     kv=args.kv, kv_comm=args.kv_comm, compile=args.compile, dtype=dtype, seed=args.seed, output_dir=args.output_dir,
+                     ceiling=args.ceiling)
     spec.check()
     world = int(os.environ.get("WORLD_SIZE", 1))
     sp_size = args.sp_size or world

@@ -59,6 +59,7 @@ class BenchSpec:
     dtype: str = "bfloat16"
     seed: int = 0
     output_dir: str | None = None  # where the MP4 goes (default: a temporary folder, deleted)
+    ceiling: bool = False  # also measure the ceiling of the same chunk (longlive.pipelines.ceiling) in this run
 
     def check(self) -> None:
         if self.decode not in DECODE_MODES:
@@ -251,9 +252,23 @@ def run_bench(spec: BenchSpec, device: torch.device, sp=None, is_writer: bool = 
         "warmup": {"chunks": warmup, "seconds": warmup_seconds, "build_seconds": build_seconds, "compiled": spec.compile},
         "software": software_info(device),
     }
+    if spec.ceiling:  # after the timed run (and its peak memory): same process, same device, same shapes
+        from .ceiling import CeilingShape, measure_ceiling
+
+        shape = CeilingShape.for_chunk(cfg, tokens_per_frame=(lat_h // ph) * (lat_w // pw), chunk_frames=spec.chunk_frames,
+                                       window_frames=spec.window_frames, steps=spec.steps,
+                                       sp_size=1 if sp is None else sp.size)
+        peak = ((torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
+                if device.type == "cuda" else None)
+        report["ceiling"] = measure_ceiling(shape, device, dtype, spec.quant, pixel_frames_per_chunk=frames_per_chunk)
+        report["fraction_of_ceiling"] = report["denoise_fps_steady"] / report["ceiling"]["fps"]
+    else:
+        peak = None
     if device.type == "cuda":
-        report["peak_memory_gib"] = {"allocated": torch.cuda.max_memory_allocated(device) / 2**30,
-                                     "reserved": torch.cuda.max_memory_reserved(device) / 2**30}
+        if peak is None:
+            peak = (torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
+        report["peak_memory_gib"] = {"allocated": peak[0] / 2**30,
+                                     "reserved": peak[1] / 2**30}
         if vae is not None and spec.decode == "device":
             vd = torch.device(spec.vae_device)
             if vd.type == "cuda":
@@ -278,6 +293,7 @@ def format_table(report: dict[str, Any]) -> str:
          f"{report['end_to_end_fps']:.2f} FPS ({report['pixel_frames']} frames in {report['wall_seconds']:.2f} s)"),
         ("per chunk", f"DiT {ms(sec['dit'])}, refresh {ms(sec['refresh'])}, VAE {ms(sec['vae'])}, "
                       f"I/O {ms(sec['io'])} (to host), H.264 {ms(sec['encode'])} (writer thread)"),
+        *([("ceiling, same chunk", _ceiling_row(report))] if "ceiling" in report else []),
         ("warm-up (excluded)", f"{report['warmup']['chunks']} chunks in {report['warmup']['seconds']:.1f} s; "
                                f"build {report['warmup']['build_seconds']:.1f} s"),
     ]
@@ -288,6 +304,13 @@ def format_table(report: dict[str, Any]) -> str:
                                         f"{sw['torch']}, cuda {sw['cuda']}, triton {sw['triton']}, commit {sw['commit']}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _ceiling_row(report: dict[str, Any]) -> str:
+    c = report["ceiling"]
+    return (f"{c['fps']:.2f} FPS from the products and attention alone ({c['linear_tflops']:.0f} TFLOP/s linear, "
+            f"{c['self_attention_backend']} attention {c['self_attention_tflops']:.0f} TFLOP/s); the loop reaches "
+            f"{100 * report['fraction_of_ceiling']:.1f}% of it")
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> None:

@@ -1,0 +1,54 @@
+"""The FPS ceiling of one chunk (longlive.pipelines.ceiling): its accounting and the bench side by side."""
+import json
+
+import pytest
+import torch
+
+from longlive.cli.main import main
+from longlive.models.wan import WanConfig
+from longlive.pipelines.ceiling import CeilingShape, measure_ceiling
+
+
+def test_5b_chunk_shape_is_the_specs() -> None:
+    cfg = WanConfig.preset("wan2.2-ti2v-5b")
+    s = CeilingShape.for_chunk(cfg, tokens_per_frame=880, chunk_frames=8, window_frames=32, steps=4)
+    assert (s.tokens, s.kv_tokens, s.heads, s.head_dim, s.dim, s.ffn_dim, s.text_len, s.layers, s.forwards) == \
+        (7040, 28160, 24, 128, 3072, 14336, 512, 30, 5)
+    sp4 = CeilingShape.for_chunk(cfg, tokens_per_frame=880, chunk_frames=8, window_frames=32, steps=2, sp_size=4)
+    assert (sp4.tokens, sp4.kv_tokens, sp4.heads, sp4.forwards) == (1760, 28160, 6, 3)
+    with pytest.raises(ValueError, match="sp_size=5"):
+        CeilingShape.for_chunk(cfg, tokens_per_frame=880, chunk_frames=8, window_frames=32, steps=4, sp_size=5)
+
+
+def test_ceiling_adds_up_the_timed_calls() -> None:
+    """With a timer that reports each call's output size, the chunk time is exactly the spec's sum."""
+    cfg = WanConfig.preset("tiny")
+    s = CeilingShape.for_chunk(cfg, tokens_per_frame=16, chunk_frames=4, window_frames=12, steps=2)
+    timer = lambda fn: fn().numel() * 1e-6  # noqa: E731
+    r = measure_ceiling(s, torch.device("cpu"), torch.float32, pixel_frames_per_chunk=16, timer=timer)
+    dd, ffn1, ffn2 = s.tokens * s.dim, s.tokens * s.ffn_dim, s.tokens * s.dim
+    attn = cross = s.heads * s.tokens * s.head_dim  # attention outputs have the queries' shape
+    layer = (6 * dd + ffn1 + ffn2 + attn + cross) * 1e-6
+    assert r["layer_seconds"] == pytest.approx(layer)
+    assert r["chunk_seconds"] == pytest.approx(layer * cfg.num_layers * 3)
+    assert r["fps"] == pytest.approx(16 / (layer * cfg.num_layers * 3))
+    assert r["self_attention_backend"] == "default" and r["shape"]["kv_tokens"] == 12 * 16
+
+
+def test_fp8_ceiling_without_scaled_mm_is_a_clear_error() -> None:
+    s = CeilingShape.for_chunk(WanConfig.preset("tiny"), tokens_per_frame=16, chunk_frames=4, window_frames=12, steps=2)
+    with pytest.raises(ValueError, match="fp8 needs torch._scaled_mm"):
+        measure_ceiling(s, torch.device("cpu"), torch.float32, quant="fp8")
+
+
+def test_bench_reports_the_ceiling_beside_the_loop(tmp_path, capsys) -> None:
+    out = tmp_path / "r.json"
+    args = ["bench", "--preset", "tiny", "--height", "64", "--width", "64", "--device", "cpu", "--chunk-frames", "4",
+            "--window", "12", "--sink", "4", "--chunks", "4", "--steps", "2", "--decode", "none", "--ceiling", "--json", str(out)]
+    assert main(args) == 0
+    r = json.loads(out.read_text())
+    c = r["ceiling"]
+    assert c["shape"]["tokens"] == r["tokens_per_chunk"] == 16 and c["shape"]["kv_tokens"] == 48
+    assert c["shape"]["forwards"] == 3 and c["fps"] > 0
+    assert r["fraction_of_ceiling"] == pytest.approx(r["denoise_fps_steady"] / c["fps"])
+    assert "ceiling, same chunk" in capsys.readouterr().out
