@@ -35,10 +35,18 @@ def test_ceiling_adds_up_the_timed_calls() -> None:
     assert r["self_attention_backend"] == "default" and r["shape"]["kv_tokens"] == 12 * 16
 
 
-def test_fp8_ceiling_without_scaled_mm_is_a_clear_error() -> None:
+def test_fp8_ceiling_without_scaled_mm_is_a_clear_error(monkeypatch) -> None:
     s = CeilingShape.for_chunk(WanConfig.preset("tiny"), tokens_per_frame=16, chunk_frames=4, window_frames=12, steps=2)
     with pytest.raises(ValueError, match="fp8 needs torch._scaled_mm"):
         measure_ceiling(s, torch.device("cpu"), torch.float32, quant="fp8")
+    import longlive.pipelines.bench as bench
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before the ceiling's quant was checked")
+
+    monkeypatch.setattr(bench, "build_random_dit", no_build)  # refused before anything is built or generated
+    with pytest.raises(ValueError, match="fp8 needs torch._scaled_mm"):
+        main(["bench", "--preset", "tiny", "--height", "64", "--width", "64", "--device", "cpu", "--quant", "fp8", "--ceiling"])
 
 
 def test_bench_reports_the_ceiling_beside_the_loop(tmp_path, capsys) -> None:

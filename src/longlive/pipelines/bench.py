@@ -152,6 +152,10 @@ def run_bench(spec: BenchSpec, device: torch.device, sp=None, is_writer: bool = 
     options = ChunkedOptions(sampling_steps=spec.steps, chunk_frames=spec.chunk_frames, local_attn_size=spec.window_frames,
                              sink_size=spec.sink_frames, multi_shot_sink=spec.sink_frames > 0, multi_shot_rope_offset=8.0,
                              kv_quant=spec.kv == "fp4", kv_quant_comm=spec.kv_comm)
+    if spec.ceiling:  # before the generation, not after it
+        from .ceiling import check_quant
+
+        check_quant(spec.quant, device)
     slots = spec.window_frames // spec.chunk_frames
     warmup = spec.warmup_chunks if spec.warmup_chunks is not None else slots + 1
 
@@ -252,27 +256,21 @@ def run_bench(spec: BenchSpec, device: torch.device, sp=None, is_writer: bool = 
         "warmup": {"chunks": warmup, "seconds": warmup_seconds, "build_seconds": build_seconds, "compiled": spec.compile},
         "software": software_info(device),
     }
-    if spec.ceiling:  # after the timed run (and its peak memory): same process, same device, same shapes
+    if device.type == "cuda":  # the generation's peak, before the ceiling's own tensors
+        report["peak_memory_gib"] = {"allocated": torch.cuda.max_memory_allocated(device) / 2**30,
+                                     "reserved": torch.cuda.max_memory_reserved(device) / 2**30}
+        if vae is not None and spec.decode == "device":
+            vd = torch.device(spec.vae_device)
+            if vd.type == "cuda":
+                report["peak_memory_gib"]["vae_device_allocated"] = torch.cuda.max_memory_allocated(vd) / 2**30
+    if spec.ceiling:  # same process, device and shapes as the timed run
         from .ceiling import CeilingShape, measure_ceiling
 
         shape = CeilingShape.for_chunk(cfg, tokens_per_frame=(lat_h // ph) * (lat_w // pw), chunk_frames=spec.chunk_frames,
                                        window_frames=spec.window_frames, steps=spec.steps,
                                        sp_size=1 if sp is None else sp.size)
-        peak = ((torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
-                if device.type == "cuda" else None)
         report["ceiling"] = measure_ceiling(shape, device, dtype, spec.quant, pixel_frames_per_chunk=frames_per_chunk)
         report["fraction_of_ceiling"] = report["denoise_fps_steady"] / report["ceiling"]["fps"]
-    else:
-        peak = None
-    if device.type == "cuda":
-        if peak is None:
-            peak = (torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
-        report["peak_memory_gib"] = {"allocated": peak[0] / 2**30,
-                                     "reserved": peak[1] / 2**30}
-        if vae is not None and spec.decode == "device":
-            vd = torch.device(spec.vae_device)
-            if vd.type == "cuda":
-                report["peak_memory_gib"]["vae_device_allocated"] = torch.cuda.max_memory_allocated(vd) / 2**30
     return report
 
 

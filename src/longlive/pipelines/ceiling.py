@@ -85,14 +85,24 @@ def _sdpa(q, k, v, backend):
         return F.scaled_dot_product_attention(q, k, v)
 
 
+def check_quant(quant: str, device: torch.device) -> None:
+    """Refuse a ceiling that cannot be measured on `device`, before any work is done."""
+    if quant not in ("none", "fp8"):
+        raise ValueError(f"ceiling: quant must be none or fp8, got {quant!r}")
+    if quant == "fp8":
+        from ..quant.fp8 import _fp8_gemm_available
+
+        if not _fp8_gemm_available(device):
+            raise ValueError(f"ceiling: --quant fp8 needs torch._scaled_mm (CUDA, compute capability >= 8.9); {device} has none")
+
+
 def measure_ceiling(shape: CeilingShape, device: torch.device, dtype: torch.dtype = torch.bfloat16, quant: str = "none",
                     pixel_frames_per_chunk: int = 32, timer: Callable[[Callable[[], Any]], float] | None = None
                     ) -> dict[str, Any]:
     """Time the chunk's products and attention on `device` and return the ceiling (seconds and FPS).
     `timer(fn) -> seconds per call` defaults to `time_call` on `device`."""
     timer = timer or (lambda fn: time_call(fn, device))
-    if quant not in ("none", "fp8"):
-        raise ValueError(f"ceiling: quant must be none or fp8, got {quant!r}")
+    check_quant(quant, device)
     s = shape
     g = torch.Generator(device=device).manual_seed(0)
     rand = lambda *size: torch.randn(*size, generator=g, device=device).to(dtype)  # noqa: E731
@@ -100,10 +110,8 @@ def measure_ceiling(shape: CeilingShape, device: torch.device, dtype: torch.dtyp
     w, w1, w2 = rand(s.dim, s.dim), rand(s.ffn_dim, s.dim), rand(s.dim, s.ffn_dim)
     report: dict[str, Any] = {"shape": asdict(s), "quant": quant, "dtype": str(dtype).removeprefix("torch.")}
     if quant == "fp8":
-        from ..quant.fp8 import _fp8_gemm_available, quantize_rowwise
+        from ..quant.fp8 import quantize_rowwise
 
-        if not _fp8_gemm_available(device):
-            raise ValueError(f"ceiling: --quant fp8 needs torch._scaled_mm (CUDA, compute capability >= 8.9); {device} has none")
         (x8, sx), (h8, sh) = quantize_rowwise(x), quantize_rowwise(h)
         (w8, sw), (w18, sw1), (w28, sw2) = quantize_rowwise(w), quantize_rowwise(w1), quantize_rowwise(w2)
 
