@@ -60,3 +60,13 @@ def test_bench_reports_the_ceiling_beside_the_loop(tmp_path, capsys) -> None:
     assert c["shape"]["forwards"] == 3 and c["fps"] > 0
     assert r["fraction_of_ceiling"] == pytest.approx(r["denoise_fps_steady"] / c["fps"])
     assert "ceiling, same chunk" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_fp8_and_bf16_ceilings_run_on_the_gpu() -> None:
+    """Needs torch._scaled_mm (compute capability >= 8.9), as the H200 runs of `bench --ceiling --quant fp8`."""
+    s = CeilingShape.for_chunk(WanConfig.preset("synth"), tokens_per_frame=64, chunk_frames=8, window_frames=32, steps=4)
+    for quant in ("none", "fp8"):
+        r = measure_ceiling(s, torch.device("cuda"), torch.bfloat16, quant=quant)
+        assert r["fps"] > 0 and r["self_attention_backend"] in ("cudnn", "flash", "efficient")
+        assert r["chunk_seconds"] == pytest.approx(r["layer_seconds"] * 6 * 5)

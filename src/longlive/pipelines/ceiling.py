@@ -115,8 +115,9 @@ def measure_ceiling(shape: CeilingShape, device: torch.device, dtype: torch.dtyp
         (x8, sx), (h8, sh) = quantize_rowwise(x), quantize_rowwise(h)
         (w8, sw), (w18, sw1), (w28, sw2) = quantize_rowwise(w), quantize_rowwise(w1), quantize_rowwise(w2)
 
-        def mm(a, sa, b, sb):
-            return lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb.t(), out_dtype=dtype, use_fast_accum=True)
+        def mm(a, sa, b, sb):  # b [N, K] row-major: b.t() is the column-major operand; scale_b [1, N]
+            sb = sb.t().contiguous()
+            return lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=dtype, use_fast_accum=True)
 
         gemm_dd, gemm_ffn1, gemm_ffn2 = mm(x8, sx, w8, sw), mm(x8, sx, w18, sw1), mm(h8, sh, w28, sw2)
     else:
