@@ -53,6 +53,10 @@ class _Recorder:
         self.calls.append((torch.is_grad_enabled(), float(t[0, -1])))
         return self.model(x, t, ctx, kv_cache=kv_cache)
 
+    def refresh_cache(self, x, t, ctx, kv_cache=None):
+        self.calls.append((torch.is_grad_enabled(), float(t[0, -1])))
+        self.model.refresh_cache(x, t, ctx, kv_cache=kv_cache)
+
 
 def test_rollout_has_gradient_only_at_each_chunks_exit_step():
     torch.manual_seed(0)

@@ -165,10 +165,13 @@ def generate_latents(
     sp = sequence_parallel
     timer = timer or PhaseTimer(enabled=False)
 
-    def velocity(x, t, k):
-        v = model(x, t, prompt_embeds[:, k], kv_cache=caches[0], sequence_parallel=sp)
+    # cross-attention K/V once per prompt, not once per forward
+    negative_kv = model.text_kv(negative_embeds) if use_cfg else None
+
+    def velocity(x, t, text_kv):
+        v = model(x, t, text_kv, kv_cache=caches[0], sequence_parallel=sp)
         if use_cfg:
-            v_u = model(x, t, negative_embeds, kv_cache=caches[1], sequence_parallel=sp)
+            v_u = model(x, t, negative_kv, kv_cache=caches[1], sequence_parallel=sp)
             v = v_u + options.guidance_scale * (v - v_u)
         return v
 
@@ -180,20 +183,21 @@ def generate_latents(
         clamp = image_latent is not None and k == 0
         sampler.reset()
         with timer.phase("dit"):
+            text_kv = model.text_kv(prompt_embeds[:, k])
             for t in timesteps:
                 tt = torch.full((b, n), float(t), device=noise.device)
                 if clamp:
                     x = torch.cat([image_latent.to(x.dtype), x[:, :, 1:]], dim=2)
                     tt[:, 0] = 0
-                x = sampler.step(velocity(x, tt, k), x)
+                x = sampler.step(velocity(x, tt, text_kv), x)
             if clamp:
                 x = torch.cat([image_latent.to(x.dtype), x[:, :, 1:]], dim=2)
         with timer.phase("refresh"):
             for cache in caches:
                 cache.prepare_refresh()
-            model(x, zeros_t, prompt_embeds[:, k], kv_cache=caches[0], sequence_parallel=sp)
+            model.refresh_cache(x, zeros_t, text_kv, kv_cache=caches[0], sequence_parallel=sp)
             if use_cfg:
-                model(x, zeros_t, negative_embeds, kv_cache=caches[1], sequence_parallel=sp)
+                model.refresh_cache(x, zeros_t, negative_kv, kv_cache=caches[1], sequence_parallel=sp)
             for cache in caches:
                 cache.end_chunk()
         out[:, :, start : start + n] = x

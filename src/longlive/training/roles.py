@@ -50,6 +50,14 @@ class Role:
         # the adapter choice travels with the forward, so activation checkpointing recomputes with it
         return self.model(*args, adapter=self.adapter, **kwargs)
 
+    def text_kv(self, context: torch.Tensor):
+        """`WanModel.text_kv` with this role's adapter."""
+        return self.model.text_kv(context, adapter=self.adapter)
+
+    def refresh_cache(self, *args, **kwargs) -> None:
+        """`WanModel.refresh_cache` with this role's adapter (the rollout's clean refresh)."""
+        self.model.refresh_cache(*args, adapter=self.adapter, **kwargs)
+
     def parameters(self) -> list[nn.Parameter]:
         """The parameters this role trains (its adapter, or the whole model)."""
         if not self.trainable:

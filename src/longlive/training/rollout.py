@@ -24,7 +24,8 @@ def rollout(model: Velocity, config, noise: torch.Tensor, prompt_embeds: torch.T
             image_latent: torch.Tensor | None = None, grad: bool = True) -> torch.Tensor:
     """Student clip `[B, C, F, H, W]` from `noise`; differentiable at each chunk's exit step when `grad`.
 
-    `model(x, t, context, kv_cache=...)` is the student (a WanModel or a role wrapper around one);
+    `model(x, t, context, kv_cache=...)` is the student (a WanModel or a role wrapper around one), and
+    `model.refresh_cache(x, t, context, kv_cache=...)` its clean refresh;
     `exit_step` is one step index for every chunk (same_step_across_blocks) or one per chunk.
     """
     b, c, f, h, w = noise.shape
@@ -75,7 +76,7 @@ def rollout(model: Velocity, config, noise: torch.Tensor, prompt_embeds: torch.T
             out = torch.cat([image_latent.to(out.dtype), out[:, :, 1:]], dim=2)
         with torch.no_grad():
             cache.prepare_refresh()
-            model(out.detach(), zeros_t, prompt_embeds[:, k], kv_cache=cache)
+            model.refresh_cache(out.detach(), zeros_t, prompt_embeds[:, k], kv_cache=cache)
             cache.end_chunk()
         outputs.append(out)
     return torch.cat(outputs, dim=2)

@@ -252,11 +252,11 @@ class KVCache:
         if self.start_frame < 0:
             raise RuntimeError("KVCache: call begin_chunk() before running the model with the cache")
         if self._positions is None:
-            rows = [
-                [(self.start_frame + i + s.shot_index * self.rope_offset_per_shot) * self.t_scale for i in range(self.chunk_frames)]
-                for s in self.samples
-            ]
-            self._positions = torch.tensor(rows, dtype=torch.float64, device=device or self.device)
+            # (start + i + shot * offset) * t_scale, in float64 and in that order, computed on the device: a
+            # tensor built from a Python list would be copied from pageable memory, which waits for the stream
+            frame = torch.arange(self.chunk_frames, dtype=torch.float64, device=device or self.device) + self.start_frame
+            self._positions = torch.stack([(frame + s.shot_index * self.rope_offset_per_shot) * self.t_scale
+                                           for s in self.samples])
         return self._positions
 
     def rope_tables(self, config: WanConfig, height: int, width: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,6 +310,22 @@ class KVCache:
         self.fp4.write_packed(layer, slots, k_values, k_scales, v_values, v_scales, k_decode, v_decode, k_mean)
         return self.fp4.attention_from_slots(layer, q, self.num_valid, slots,
                                              route="dequantize" if self.fp4.backend == "triton" else "reference")
+
+    def shared_slot(self) -> bool:
+        """Whether every sample writes the current chunk into the same slot (the usual case: samples only
+        diverge after different scene cuts or recaches); `chunk_views` needs it."""
+        return self.fp4 is None and all(s.current_slot == self.samples[0].current_slot for s in self.samples)
+
+    @torch.compiler.disable
+    def chunk_views(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """`(k_dst, v_dst, k_window, v_window)` for `layer`: the current chunk's slot `[B, H, chunk_tokens, D]`,
+        to be written by the caller, and all valid K/V `[B, H, valid_tokens, D]` (views, no copy)."""
+        if not self.shared_slot():
+            raise ValueError("KVCache.chunk_views: the samples write different slots; use update()")
+        a = self.samples[0].current_slot * self.chunk_tokens
+        n = self.num_valid * self.chunk_tokens
+        kb, vb = self.k[layer], self.v[layer]
+        return kb[:, :, a : a + self.chunk_tokens], vb[:, :, a : a + self.chunk_tokens], kb[:, :, :n], vb[:, :, :n]
 
     @torch.compiler.disable  # host-side slot bookkeeping: a compiled block calls it as one opaque step
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import ChunkLayout, masked_attention, sdpa
 from .config import WanConfig
 from .kv_cache import KVCache
+from .fused import available as fused_available, cached_self_attention
 from .rope import apply_rope, rope_cos_sin
 
 
@@ -77,6 +78,8 @@ class _Plan:
     groups: int = 1  # token groups for per-chunk prompt routing in cross-attention
     attend: Any = None  # custom masked attention (sequence parallel), replacing `mask`
     sp: Any = None  # UlyssesGroup of sequence-parallel cached inference (all-to-all around the cache)
+    fused: bool = False  # BF16 cache on a GPU: q/k norm, RoPE and the cache write in one kernel (fused.py)
+    gelu_epilogue: bool = False  # no-grad CUDA forward: the FFN's GELU inside its first product (cuBLASLt)
 
 
 class _Projections(nn.Module):
@@ -92,8 +95,19 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
-    def forward(self, x: torch.Tensor, plan: _Plan, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: _Plan, layer: int, need_output: bool = True) -> torch.Tensor | None:
+        """Attention output projected by `o`; with `need_output=False` (a cache refresh's last layer) only
+        the chunk's K/V reach the cache, where the path allows skipping the rest, and None is returned."""
         b, s, _ = x.shape
+        if plan.fused:
+            w = [n.weight if isinstance(n, RMSNorm) else None for n in (self.norm_q, self.norm_k)]
+            out = cached_self_attention(plan.cache, layer, self.q(x) if need_output else None, self.k(x), self.v(x),
+                                        w[0], w[1], getattr(self.norm_q, "eps", 0.0), plan.cos, plan.sin, need_output)
+            return None if out is None else self.o(out.flatten(2))
+        if not need_output and plan.sp is None and isinstance(plan.cache, KVCache) and plan.cache.fp4 is None:
+            k = apply_rope(self.norm_k(self.k(x)).view(b, s, self.num_heads, -1), plan.cos, plan.sin)
+            plan.cache.update(layer, k, self.v(x).view(b, s, self.num_heads, -1))
+            return None
         q = self.norm_q(self.q(x)).view(b, s, self.num_heads, -1)
         k = self.norm_k(self.k(x)).view(b, s, self.num_heads, -1)
         v = self.v(x).view(b, s, self.num_heads, -1)
@@ -108,18 +122,24 @@ class SelfAttention(_Projections):
             out = sdpa(q, k, v)
         else:
             out = masked_attention(q, k, v, plan.mask)
-        return self.o(out.flatten(2))
+        return self.o(out.flatten(2)) if need_output else None
 
 
 class CrossAttention(_Projections):
     """Attention from video tokens to text tokens; token group g attends prompt g % P."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, groups: int) -> torch.Tensor:
+    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[B, P, L, H, D]` of the embedded text `[B, P, L, dim]`."""
+        b, p, l, _ = context.shape
+        return (self.norm_k(self.k(context)).view(b, p, l, self.num_heads, -1),
+                self.v(context).view(b, p, l, self.num_heads, -1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | tuple[torch.Tensor, torch.Tensor], groups: int) -> torch.Tensor:
+        """`context`: the embedded text `[B, P, L, dim]`, or this block's `text_kv` of it (`TextKV`)."""
         b, s, d = x.shape
-        _, p, l, _ = context.shape  # [B, P, L, dim]
+        k, v = context if isinstance(context, tuple) else self.text_kv(context)
+        p = k.shape[1]
         q = self.norm_q(self.q(x)).view(b * groups, s // groups, self.num_heads, -1)
-        k = self.norm_k(self.k(context)).view(b, p, l, self.num_heads, -1)
-        v = self.v(context).view(b, p, l, self.num_heads, -1)
         if groups != p:  # group g uses prompt g % P
             k = k.repeat(1, groups // p, 1, 1, 1)
             v = v.repeat(1, groups // p, 1, 1, 1)
@@ -137,7 +157,12 @@ class WanBlock(nn.Module):
         self.cross_attn = CrossAttention(config)
         self.ffn = nn.Sequential(nn.Linear(config.dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, config.dim))
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, plan: _Plan, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                plan: _Plan, layer: int, cache_only: bool = False) -> torch.Tensor | None:
+        """The block's output; with `cache_only` (the refresh's last block) only the chunk's K/V reach the
+        cache and None is returned."""
+        if cache_only:
+            return self._write_cache(x, e0, plan, layer)
         frames = e0.shape[1]
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e0).unbind(2)
         y = self.self_attn(_modulate(x, frames, shift1, scale1, self.eps).to(x.dtype), plan, layer)
@@ -148,8 +173,24 @@ class WanBlock(nn.Module):
         else:
             h = x
         x = x + self.cross_attn(h, context, plan.groups)
-        y = self.ffn(_modulate(x, frames, shift2, scale2, self.eps).to(x.dtype))
+        y = self._ffn(_modulate(x, frames, shift2, scale2, self.eps).to(x.dtype), plan.gelu_epilogue)
         return _gated_residual(x, y, frames, gate2)
+
+    def _ffn(self, h: torch.Tensor, gelu_epilogue: bool) -> torch.Tensor:
+        up = self.ffn[0]
+        if gelu_epilogue and type(up) is nn.Linear and up.bias is not None and h.dtype == up.weight.dtype:
+            # GELU(tanh) on the fp32 accumulator in the product's epilogue: the 14336-wide hidden state is
+            # written once instead of written, read and written again (an extern kernel under Inductor)
+            a = torch._addmm_activation(up.bias, h.flatten(0, -2), up.weight.t(), use_gelu=True)
+            return self.ffn[2](a.view(*h.shape[:-1], -1))
+        return self.ffn(h)
+
+    # Eager, outside the compiled block's graphs: a compiled frame that returned None early would share its
+    # resume functions with the full block, and Dynamo skips a code object for good after an empty graph.
+    @torch.compiler.disable
+    def _write_cache(self, x: torch.Tensor, e0: torch.Tensor, plan: _Plan, layer: int) -> None:
+        shift1, scale1 = (self.modulation.float()[:, None, :2] + e0[:, :, :2]).unbind(2)
+        self.self_attn(_modulate(x, e0.shape[1], shift1, scale1, self.eps).to(x.dtype), plan, layer, need_output=False)
 
 
 class Head(nn.Module):
@@ -164,6 +205,14 @@ class Head(nn.Module):
             return _linear_fp32(self.head, x) + 0 * self.modulation.sum()
         shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)
         return _linear_fp32(self.head, _modulate(x, e.shape[1], shift, scale, self.eps))
+
+
+@dataclass
+class TextKV:
+    """Per-block cross-attention keys and values `[B, P, L, H, D]` of a prompt (`WanModel.text_kv`)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
 
 
 KEEP_ADAPTERS = object()  # forward(adapter=...) default: leave LoRA adapters as they are
@@ -202,6 +251,10 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
         self.gradient_checkpointing = False  # recompute each block in backward (training memory)
+        # no-grad GPU forwards: q/k norm + RoPE + cache write in one Triton kernel (cached inference) and the
+        # FFN's GELU in its product's epilogue. Off: the plain PyTorch ops, for A/B benchmarks and debugging
+        # (same values up to the norm's summation order and the GELU's input rounding)
+        self.fused_kernels = True
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -283,7 +336,7 @@ class WanModel(nn.Module):
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        context: torch.Tensor,
+        context: "torch.Tensor | TextKV",
         *,
         chunk_frames: int | None = None,
         clean_x: torch.Tensor | None = None,
@@ -293,7 +346,8 @@ class WanModel(nn.Module):
         attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         sequence_parallel: Any = None,
         adapter: Any = KEEP_ADAPTERS,
-    ) -> torch.Tensor:
+        _cache_only: bool = False,
+    ) -> torch.Tensor | None:
         """Velocity for `x` (see the module docstring for the modes).
 
         Teacher forcing under sequence parallelism passes this rank's frames: `clean_x` and `x` may then
@@ -301,6 +355,7 @@ class WanModel(nn.Module):
         `[clean; noisy]` (or of `x`, shared by both halves), `context` one prompt per local chunk slot
         (or one prompt), and `attention(q, k, v)` replaces the masked self-attention (it exchanges
         tokens across ranks and applies the global mask itself).
+        `context` may also be `self.text_kv(text)`: the text's cross-attention K/V, computed once per prompt.
         `adapter` selects the active LoRA adapter inside every block (None: base only); it is applied
         per block call, so activation checkpointing recomputes with the same adapter.
         A `kv_cache` forward with gradient enabled reads the cache but does not write it (DMD exit steps).
@@ -315,8 +370,14 @@ class WanModel(nn.Module):
             raise ValueError(f"t must hold one timestep per latent frame, shape [B, F] = [{b}, {f}]; got {tuple(t.shape)}")
         tokens, grid = self.embed_video(x)
         frames, tokens_per_frame = grid[0], grid[1] * grid[2]
-        ctx = self.embed_text(context)
-        prompts = ctx.shape[1]
+        if isinstance(context, TextKV):
+            if len(context.k) != len(self.blocks) or context.k[0].shape[0] != b:
+                raise ValueError(f"TextKV of {len(context.k)} layers and batch {context.k[0].shape[0]} does not fit "
+                                 f"this model ({len(self.blocks)} layers) and batch {b}")
+            contexts = list(zip(context.k, context.v))
+        else:
+            contexts = [self.embed_text(context)] * len(self.blocks)
+        prompts = contexts[0][0].shape[1] if isinstance(context, TextKV) else contexts[0].shape[1]
         e, e0 = self.embed_time(t)
 
         if kv_cache is not None:
@@ -332,6 +393,9 @@ class WanModel(nn.Module):
             grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
             cache = kv_cache.grad_window() if grad else kv_cache
             plan = _Plan(cos, sin, cache=cache, groups=prompts)
+            plan.fused = (self.fused_kernels and not grad and (sequence_parallel is None or sequence_parallel.size == 1)
+                          and kv_cache.shared_slot() and kv_cache.k.dtype == tokens.dtype == torch.bfloat16
+                          and fused_available(x.device))
             if sequence_parallel is not None and sequence_parallel.size > 1:
                 if grad:
                     raise ValueError("sequence-parallel cached inference has no backward; run it under torch.no_grad()")
@@ -355,14 +419,18 @@ class WanModel(nn.Module):
                 plan.mask = self._mask_for(layout, x)
         if tokens.shape[1] % plan.groups:
             raise ValueError(f"{prompts} prompts cannot split {tokens.shape[1]} tokens into equal groups")
+        plan.gelu_epilogue = self.fused_kernels and x.is_cuda and not torch.is_grad_enabled()
 
         h = tokens
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             run = block if adapter is KEEP_ADAPTERS else functools.partial(_with_adapter, block, adapter)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(run, h, e0, ctx, plan, i, use_reentrant=False)
+                h = checkpoint(run, h, e0, contexts[i], plan, i, use_reentrant=False)
             else:
-                h = run(h, e0, ctx, plan, i)
+                h = run(h, e0, contexts[i], plan, i, _cache_only and i == last)
+        if _cache_only:
+            return None
         if clean_x is not None:
             h = h[:, h.shape[1] - frames * tokens_per_frame :]
             if frames == 0:  # a rank holding only clean frames: an empty output, still tied to every parameter
@@ -375,6 +443,42 @@ class WanModel(nn.Module):
             sigma = (t.float() / 1000.0).clamp_min(SAMPLE_MIN_SIGMA)[:, None, :, None, None]
             out = (x.float() - out.float()) / sigma
         return out.to(x.dtype)
+
+    @torch.no_grad()
+    def text_kv(self, context: torch.Tensor, adapter: Any = KEEP_ADAPTERS) -> "TextKV | torch.Tensor":
+        """The cross-attention keys and values of text embeddings `[B, (P,) L, text_dim]` for every block,
+        computed once: pass the result as `context` to every forward of the same prompt (the denoising
+        steps and refresh of a chunk) instead of recomputing them per forward. Inference only; valid for
+        the LoRA adapter state it was computed with. With FSDP-sharded weights the text is returned as it is
+        (each block's own forward gathers its weights and computes the K/V)."""
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(self.text_embedding[0].weight, DTensor):  # (never quantized, sharded like the rest)
+            return context
+        ctx = self.embed_text(context)
+        k, v = [], []
+        for block in self.blocks:
+            if adapter is KEEP_ADAPTERS:
+                kv = block.cross_attn.text_kv(ctx)
+            else:
+                from .lora import active_adapter
+
+                with active_adapter(block, adapter):
+                    kv = block.cross_attn.text_kv(ctx)
+            k.append(kv[0])
+            v.append(kv[1])
+        return TextKV(k, v)
+
+    @torch.no_grad()
+    def refresh_cache(self, x: torch.Tensor, t: torch.Tensor, context: "torch.Tensor | TextKV", *, kv_cache: KVCache,
+                      sequence_parallel: Any = None, adapter: Any = KEEP_ADAPTERS) -> None:
+        """The clean refresh of a chunk (after `kv_cache.prepare_refresh()`): writes the chunk's K/V of every
+        layer, as `forward(..., kv_cache=kv_cache)` does, and skips what only the discarded output needs
+        (the last block after its K/V, and the head)."""
+        if kv_cache is None:
+            raise ValueError("refresh_cache needs the kv_cache to write")
+        # through __call__, so module hooks (FSDP2 unsharding) run as for any forward
+        self(x, t, context, kv_cache=kv_cache, sequence_parallel=sequence_parallel, adapter=adapter, _cache_only=True)
 
     def _teacher_forcing_plan(self, x, clean_x, clean_t, tokens, e0, grid, prompts, chunk_frames,
                               frame_positions, attention):
