@@ -68,8 +68,11 @@ def main() -> None:
     ap.add_argument("--chunk-latents", type=int, default=8, help="latent frames per chunk")
     ap.add_argument("--warmup", type=int, help="untimed runs (default 2 on CUDA, 1 on CPU)")
     ap.add_argument("--iters", type=int, help="timed runs, median reported (default 5 on CUDA, 2 on CPU)")
-    ap.add_argument("--channels-last", action="store_true", help="store conv weights channels_last_3d")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="WanVAE.to_channels_last(): channels-last weights and activations")
     ap.add_argument("--cudnn-benchmark", action="store_true")
+    ap.add_argument("--fuse-norms", action="store_true", help="WanVAE.fuse_decoder_norms() (Triton norm + SiLU)")
+    ap.add_argument("--profile", action="store_true", help="print the kernels of one steady chunk (torch.profiler)")
     args = ap.parse_args()
     tiny = args.preset == "tiny"  # a smoke-test size, so that a CPU run takes seconds
     args.latent_h = args.latent_h or (2 if tiny else 44)
@@ -87,9 +90,9 @@ def main() -> None:
         vae = WanVAE(cfg)
     vae = vae.to(dtype=dtype).eval().requires_grad_(False)
     if args.channels_last:
-        for m in vae.modules():
-            if isinstance(m, torch.nn.Conv3d):
-                m.weight.data = m.weight.data.to(memory_format=torch.channels_last_3d)
+        vae.to_channels_last()
+    if args.fuse_norms:
+        vae.fuse_decoder_norms()
     weight_bytes = sum(p.numel() * p.element_size() for p in vae.parameters())
     n = args.chunk_latents
     shape = (1, cfg.z_dim, n, args.latent_h, args.latent_w)
@@ -128,6 +131,13 @@ def main() -> None:
             steady_frames = out.shape[2]
             del out
         peak = torch.cuda.max_memory_allocated() if cuda else None
+        if args.profile and cuda:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                dec.decode_chunk(chunks[1])
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
 
     steady = statistics.median(steady_ms)
     result = {
@@ -150,6 +160,7 @@ def main() -> None:
         "peak_gpu_bytes_steady": peak,
         "peak_gpu_bytes_over_resident_steady": (peak - base_alloc) if cuda else None,
         "channels_last": args.channels_last,
+        "fuse_norms": args.fuse_norms,
         "cudnn_benchmark": args.cudnn_benchmark,
         "warmup": args.warmup,
         "iters": args.iters,

@@ -124,7 +124,8 @@ def build_random_vae(name: str, device: torch.device, dtype: torch.dtype, seed: 
     from ..models.vae import WanVAE, WanVAEConfig
 
     torch.manual_seed(seed + 1)
-    return WanVAE(WanVAEConfig.preset(name)).to(device=device, dtype=dtype).eval()
+    vae = WanVAE(WanVAEConfig.preset(name)).to(device=device, dtype=dtype).eval()
+    return vae.to_channels_last().fuse_decoder_norms() if device.type == "cuda" else vae  # as InferencePipeline does
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -244,6 +244,8 @@ class InferencePipeline:
         if cfg.inference.streaming_vae and cfg.inference.vae_device and not cfg.i2v:
             vae_device = torch.device(cfg.inference.vae_device)  # the "device" decode mode (background thread)
         vae = build_vae(cfg, vae_device, dtype if vae_device.type == "cuda" else torch.float32) if needs_vae else None
+        if vae is not None and vae_device.type == "cuda" and hasattr(vae, "to_channels_last"):
+            vae.to_channels_last().fuse_decoder_norms()  # cuDNN's fast layout, fused norms (docs/vae.md)
         return cls(cfg, generator, text, vae, device, dtype, parallel)
 
     def latent_shape(self) -> tuple[int, int, int, int]:

@@ -97,3 +97,57 @@ def test_streaming_equals_full_decode_on_cuda_bf16(vh) -> None:
     streamed = torch.cat([dec.decode_chunk(z[:, :, :2]), dec.decode_chunk(z[:, :, 2:])], dim=2)
     assert streamed.device.type == "cuda" and streamed.dtype == torch.bfloat16
     assert torch.equal(streamed, full)
+
+
+def _channels_last_check(vae, z: torch.Tensor, fuse: bool = False) -> tuple[float, int, int]:
+    """Streamed decode with `to_channels_last()` (and `fuse_decoder_norms()`) vs the default layout:
+    (relative error, convolutions that saw a channels-last input, convolutions run)."""
+    import copy
+
+    ref = vae.stream_decoder()
+    want = torch.cat([ref.decode_chunk(z[:, :, :2]), ref.decode_chunk(z[:, :, 2:])], dim=2).float()
+    cl = copy.deepcopy(vae).to_channels_last()
+    if fuse:
+        cl.fuse_decoder_norms()
+    seen = []
+
+    def recording(conv):  # what the convolution op itself receives
+        def run(x, weight, bias):
+            fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+            seen.append(x.is_contiguous(memory_format=fmt) and (x.shape[1] == 1 or not x.is_contiguous()))
+            return type(conv)._conv_forward(conv, x, weight, bias)
+        return run
+
+    for name, m in cl.decoder.named_modules():  # (the middle attention's 1x1 convolutions are not covered)
+        if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d)) and ".to_qkv" not in name and ".proj" not in name:
+            m._conv_forward = recording(m)
+    dec = cl.stream_decoder()
+    got = torch.cat([dec.decode_chunk(z[:, :, :2]), dec.decode_chunk(z[:, :, 2:])], dim=2).float()
+    return float((got - want).norm() / want.norm()), sum(seen), len(seen)
+
+
+def test_channels_last_decode_matches_the_default_layout(vh) -> None:
+    vae = vh.random_vae(seed=11)
+    rel, channels_last, convs = _channels_last_check(vae, _latents(4, h=4, w=6, seed=3))
+    assert rel < 1e-5, rel
+    assert convs > 0 and channels_last == convs  # no layer falls back to the default layout
+
+
+def test_rms_silu_is_the_norm_then_silu(vh) -> None:
+    from longlive.models.vae.layers import RMSNorm, rms_silu
+
+    norm = RMSNorm(16, images=False)
+    norm.gamma.data = torch.rand(16, 1, 1, 1) + 0.5
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 16, 3, 4, 5).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+        n = norm.to(dtype)
+        assert torch.equal(rms_silu(x, n.gamma, n.scale), torch.nn.functional.silu(n(x)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fuse", [False, True])
+def test_channels_last_decode_on_cuda_bf16(vh, fuse: bool) -> None:
+    vae = vh.random_vae(seed=12).to(device="cuda", dtype=torch.bfloat16)
+    rel, channels_last, convs = _channels_last_check(vae, _latents(5, h=4, w=6).to("cuda"), fuse=fuse)
+    assert rel < 1e-2, rel
+    assert convs > 0 and channels_last == convs

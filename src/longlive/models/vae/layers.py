@@ -59,20 +59,26 @@ class FeatureCache:
 class CausalConv3d(nn.Conv3d):
     """3-D convolution padded only towards the past in time, with optional streaming state."""
 
+    channels_last = False  # set by WanVAE.to_channels_last(): inputs are made channels-last (NDHWC)
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int],
                  stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
         pad_t, pad_h, pad_w = self.padding
         self.past_frames = 2 * pad_t  # frames of history the kernel needs
-        self._spatial_pad = (pad_w, pad_w, pad_h, pad_h)
-        self.padding = (0, 0, 0)
+        # the symmetric spatial zero padding stays inside the convolution (no padded copy of the input);
+        # time is padded towards the past only, with the stream's cached frames or zeros
+        self.padding = (0, pad_h, pad_w)
 
     def _run(self, x: torch.Tensor, past: torch.Tensor | None) -> torch.Tensor:
         pad_t = self.past_frames
         if past is not None and pad_t > 0:
             x = torch.cat([past.to(x.device), x], dim=2)
             pad_t -= past.shape[2]
-        x = F.pad(x, (*self._spatial_pad, pad_t, 0))
+        if pad_t > 0:
+            x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
+        if self.channels_last:  # a no-op when the input already is (the usual case on CUDA)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         return super().forward(x)
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
@@ -98,16 +104,32 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low_precision = x.dtype in (torch.float16, torch.bfloat16)
-        normed = F.normalize(x.float() if low_precision else x, dim=1).to(x.dtype)
-        return normed * self.scale * self.gamma
+        return _rms(x, self.gamma, self.scale)
+
+
+def _rms(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    low_precision = x.dtype in (torch.float16, torch.bfloat16)
+    normed = F.normalize(x.float() if low_precision else x, dim=1).to(x.dtype)
+    return normed * scale * gamma
 
 
 class NearestUpsample2x(nn.Module):
-    """2x nearest-exact spatial up-sampling in fp32 (bf16 nearest is not supported everywhere)."""
+    """2x nearest-exact spatial up-sampling. It only copies values, so any dtype gives the same result;
+    on CPU it runs in fp32 (bf16 nearest is not supported everywhere), on CUDA in the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x.float(), scale_factor=(2.0, 2.0), mode="nearest-exact").to(x.dtype)
+        if x.is_cuda:
+            out = F.interpolate(x, scale_factor=(2.0, 2.0), mode="nearest-exact")
+        else:
+            out = F.interpolate(x.float(), scale_factor=(2.0, 2.0), mode="nearest-exact").to(x.dtype)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)  # some kernels return NCHW for one image
+        return out
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last_3d if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) \
+        and not x.is_contiguous() else torch.contiguous_format
 
 
 def _frames_to_batch(x: torch.Tensor) -> torch.Tensor:
@@ -129,6 +151,7 @@ class Resample(nn.Module):
     """
 
     MODES = ("upsample2d", "upsample3d", "downsample2d", "downsample3d")
+    channels_last = False  # set by WanVAE.to_channels_last()
 
     def __init__(self, dim: int, mode: str) -> None:
         super().__init__()
@@ -148,6 +171,8 @@ class Resample(nn.Module):
         b = x.shape[0]
         if self.mode == "upsample3d":
             x = self._temporal_upsample(x, cache)
+        if self.channels_last:  # frames of a channels-last 5-D tensor are channels-last images (a view)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         x = _batch_to_frames(self.resample(_frames_to_batch(x)), b)
         if self.mode == "downsample3d":
             x = self._temporal_downsample(x, cache)
@@ -165,8 +190,12 @@ class Resample(nn.Module):
         y = self.time_conv._run(x, past_frames)
         cache.put(index, tail.clone())
         b, c2, t, h, w = y.shape
-        # channels [0:c] give the even output frames, [c:2c] the odd ones
-        return y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+        # channels [0:c] give the even output frames, [c:2c] the odd ones (written into a tensor of y's
+        # memory format, so a channels-last stream stays channels-last)
+        out = torch.empty((b, c2 // 2, 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=_memory_format(y))
+        out[:, :, 0::2] = y[:, : c2 // 2]
+        out[:, :, 1::2] = y[:, c2 // 2 :]
+        return out
 
     def _temporal_downsample(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         index, past = cache.take()
@@ -178,8 +207,25 @@ class Resample(nn.Module):
         return x
 
 
+def rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    """SiLU(RMSNorm(x)) over channels (dim 1), the ops of `RMSNorm` then `nn.SiLU` in one function."""
+    return F.silu(_rms(x, gamma, scale))
+
+
+def _fused_rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    """`rms_silu` as one Triton kernel where it applies (bf16 channels-last on CUDA: `kernels.py`), else
+    the eager ops."""
+    from . import kernels
+
+    if kernels.supported(x):
+        return kernels.rms_silu_channels_last(x, gamma, scale)
+    return rms_silu(x, gamma, scale)
+
+
 class ResidualBlock(nn.Module):
     """norm -> SiLU -> causal conv -> norm -> SiLU -> dropout -> causal conv, plus a 1x1x1 shortcut."""
+
+    fused_norms = False  # set by WanVAE.fuse_decoder_norms(): each norm + SiLU pair as one kernel
 
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -191,6 +237,11 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         h = self.shortcut(x)
+        if self.fused_norms and not self.training:  # (dropout is the identity in eval)
+            norm1, _, conv1, norm2, _, _, conv2 = self.residual
+            x = conv1(_fused_rms_silu(x, norm1.gamma, norm1.scale), cache)
+            x = conv2(_fused_rms_silu(x, norm2.gamma, norm2.scale), cache)
+            return x + h
         for layer in self.residual:
             x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
         return x + h

@@ -164,6 +164,33 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder3d(config)
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.channels_last = False  # see to_channels_last()
+
+    def to_channels_last(self) -> "WanVAE":
+        """Store convolution weights channels-last and decode in channels-last activations (NDHWC).
+
+        cuDNN's fast convolutions work on channels-last tensors: with the default layout every decoder
+        convolution converts its input and output (docs/vae.md). Same values as the default layout up to
+        the convolution algorithms' summation order. Returns self."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            elif isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+            if isinstance(m, (CausalConv3d, Resample)):
+                m.channels_last = True
+        self.channels_last = True
+        return self
+
+    def fuse_decoder_norms(self) -> "WanVAE":
+        """Run each RMS norm + SiLU pair of the decoder's residual blocks as one Triton kernel
+        (`kernels.rms_silu_channels_last`) where the activations are bfloat16 channels-last on CUDA (see
+        `to_channels_last`); the eager ops make about eight passes over activations of up to 32 frames at
+        full resolution. Elsewhere the eager ops run. Returns self."""
+        for m in self.decoder.modules():
+            if isinstance(m, ResidualBlock):
+                m.fused_norms = True
+        return self
 
     # ----------------------------------------------------------------------------- normalisation
     def _latent_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +272,10 @@ class WanVAE(nn.Module):
     def _decode_step(self, z: torch.Tensor, cache: FeatureCache, first: bool) -> torch.Tensor:
         """Decode ONE latent frame [B, z, 1, h, w] of a stream; returns clamped pixels."""
         cache.start_step()
-        x = self.conv2(self.denormalize(z))
+        z = self.denormalize(z)
+        if self.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last_3d)
+        x = self.conv2(z)
         out = self.decoder(x, cache, first_chunk=first)
         return unpatchify(out, self.config.patch_size).clamp_(-1.0, 1.0)
 
