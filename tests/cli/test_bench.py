@@ -37,3 +37,35 @@ def test_bench_bad_arguments_are_clear_errors():
         main(["bench", *TINY, "--decode", "device"])
     with pytest.raises(ValueError, match="multiples of 32"):
         main(["bench", "--preset", "tiny", "--height", "70", "--device", "cpu"])
+
+
+def test_bench_rows_decode_needs_torchrun():
+    with pytest.raises(ValueError, match="--decode rows decodes on all ranks"):
+        main(["bench", *TINY, "--decode", "rows"])
+
+
+def test_bench_rows_decode_under_a_two_process_launch(tmp_path):
+    """`--decode rows` with gloo on CPU: both ranks decode bands, rank 0 writes every frame once."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "r.json"
+    procs = []
+    for r in range(2):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "longlive.cli.main", "bench", *TINY, "--decode", "rows",
+                                       "--json", str(out), "--output-dir", str(tmp_path / "v")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    r = json.loads(out.read_text())
+    assert r["sp_size"] == 2
+    assert r["frames_written"] == r["pixel_frames"] == 1 + 4 * (5 * 4 - 1)
+    assert (tmp_path / "v" / "bench.mp4").stat().st_size == r["video_bytes"] > 0
+    assert r["seconds_per_chunk"]["vae"] > 0

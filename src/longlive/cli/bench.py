@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=d.sink_frames, help="sink in latent frames (default 8)")
     p.add_argument("--decode", choices=DECODE_MODES, default=d.decode,
                    help="none: DiT only; batch: whole video at the end; sync: per chunk; stream: second CUDA stream; "
-                        "device: dedicated --vae-device in a background thread (default sync)")
+                        "device: dedicated --vae-device in a background thread; rows: under torchrun, every rank of the "
+                        "group decodes a band of rows of each chunk (default sync)")
     p.add_argument("--vae", choices=("wan2.2", "tiny"), default=d.vae, help="VAE architecture (random weights)")
     p.add_argument("--vae-device", default=None, help="with --decode device, e.g. cuda:1")
     p.add_argument("--quant", choices=("none", "fp8"), default=d.quant, help="fp8: row-wise W8A8 block linears (Hopper)")

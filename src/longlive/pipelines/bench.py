@@ -35,7 +35,7 @@ from .chunked import ChunkedOptions, PhaseTimer, generate_latents
 
 log = logging.getLogger(__name__)
 
-DECODE_MODES = ("none", "batch", "sync", "stream", "device")
+DECODE_MODES = ("none", "batch", "sync", "stream", "device", "rows")
 
 
 @dataclass
@@ -164,8 +164,16 @@ def run_bench(spec: BenchSpec, device: torch.device, sp=None, is_writer: bool = 
     model = build_random_dit(spec.preset, device, dtype, spec.seed, spec.quant)
     if spec.compile:
         model.compile_blocks()
-    vae = None
-    if is_writer and spec.decode != "none":
+    vae = row_split = None
+    if spec.decode == "rows":  # every rank of the group decodes a band of rows
+        if not torch.distributed.is_initialized() or sp is None or sp.size < 2:
+            raise ValueError("bench: --decode rows decodes on all ranks of a sequence-parallel group of 2 or more: "
+                             "run it under torchrun with --sp-size >= 2")
+        from ..parallel.vae_decode import RowSplit
+
+        row_split = RowSplit(sp.group)
+        vae = build_random_vae(spec.vae, device, dtype if device.type == "cuda" else torch.float32, spec.seed)
+    elif is_writer and spec.decode != "none":
         vae_device = torch.device(spec.vae_device) if spec.decode == "device" else device
         vae = build_random_vae(spec.vae, vae_device, dtype if vae_device.type == "cuda" else torch.float32, spec.seed)
     build_seconds = time.perf_counter() - t_build
@@ -181,9 +189,9 @@ def run_bench(spec: BenchSpec, device: torch.device, sp=None, is_writer: bool = 
         timer = PhaseTimer(device=device)
         writer = decoder = None
         if vae is not None:
-            writer = open_video_writer(out_dir / f"{name}.mp4", fps=24)
+            writer = open_video_writer(out_dir / f"{name}.mp4", fps=24) if is_writer else None
             if spec.decode != "batch":
-                decoder = make_chunk_decoder(vae, writer, spec.decode)
+                decoder = make_chunk_decoder(vae, writer, spec.decode, row_split=row_split)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()

@@ -42,8 +42,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DECODE_MODES: tuple[str, ...] = ("batch", "sync", "stream", "device")
-CHUNK_MODES: tuple[str, ...] = ("sync", "stream", "device")
+DECODE_MODES: tuple[str, ...] = ("batch", "sync", "stream", "device", "rows")
+CHUNK_MODES: tuple[str, ...] = ("sync", "stream", "device", "rows")
 
 
 class ChunkDecodeSink(Protocol):
@@ -304,6 +304,45 @@ class SyncChunkDecoder(ChunkDecoder):
         self.sink.append(frames)
         t2 = time.perf_counter()
         self.stats.chunks.append(ChunkStats(chunk_index, frames.shape[0], t1 - t0, t2 - t1))
+        self.stats.caller_seconds += t2 - t0
+
+    def finish(self) -> None:
+        self._finished = True
+
+    def close(self) -> None:
+        super().close()
+        self._decoder = None
+
+
+class RowParallelChunkDecoder(ChunkDecoder):
+    """Every rank of a process group decodes a band of rows of each chunk (`WanVAE.split_rows`,
+    `longlive.parallel.vae_decode`); the bands are gathered into whole frames, which the rank holding the
+    sink appends. All ranks call `submit` with the whole latent chunk, in the same order; ranks without
+    a sink pass `sink=None`. Synchronous, like "sync"."""
+
+    mode = "rows"
+
+    def __init__(self, vae: Any, sink: ChunkDecodeSink | None, split: Any) -> None:
+        super().__init__(vae, sink)
+        self.split = split
+        vae.split_rows(split)
+        self._decoder = vae.stream_decoder()
+
+    def submit(self, chunk_index: int, latents: torch.Tensor) -> None:
+        self._check_submit(chunk_index, latents)
+        t0 = time.perf_counter()
+        band = self._decoder.decode_chunk(latents[..., self.split.rows(latents.shape[-2]), :])
+        video = self.split.gather(band)
+        _sync(video.device)
+        t1 = time.perf_counter()
+        frames = 0
+        if self.sink is not None:
+            host = frames_to_host(video)
+            frames = host.shape[0]
+            self.sink.append(host)
+        del video, band
+        t2 = time.perf_counter()
+        self.stats.chunks.append(ChunkStats(chunk_index, frames, t1 - t0, t2 - t1))
         self.stats.caller_seconds += t2 - t0
 
     def finish(self) -> None:
@@ -596,12 +635,17 @@ def open_video_writer(path: Any, fps: float = 24, preset: str = VIDEO_PRESET) ->
 
 
 
-def make_chunk_decoder(vae: Any, sink: ChunkDecodeSink, mode: str) -> ChunkDecoder:
-    """A `ChunkDecoder` for `mode` ("sync" | "stream" | "device"; see `decode_mode`).
+def make_chunk_decoder(vae: Any, sink: ChunkDecodeSink | None, mode: str, row_split: Any = None) -> ChunkDecoder:
+    """A `ChunkDecoder` for `mode` ("sync" | "stream" | "device" | "rows"; see `decode_mode`).
 
-    For "device" the VAE must already be on its dedicated device. "batch" is not chunked: decode
-    the finished latents with `decode_batch`.
+    For "device" the VAE must already be on its dedicated device. "rows" needs `row_split` (a
+    `longlive.parallel.vae_decode.RowSplit`) and is created on every rank of its group. "batch" is not
+    chunked: decode the finished latents with `decode_batch`.
     """
+    if mode == "rows":
+        if row_split is None:
+            raise ValueError("decode mode 'rows' needs row_split (a RowSplit of the ranks that decode together)")
+        return RowParallelChunkDecoder(vae, sink, row_split)
     if mode == "sync":
         return SyncChunkDecoder(vae, sink)
     if mode == "stream":
@@ -617,6 +661,7 @@ def make_chunk_decoder(vae: Any, sink: ChunkDecodeSink, mode: str) -> ChunkDecod
 
 __all__ = [
     "CHUNK_MODES", "DECODE_MODES", "ChunkDecodeSink", "ChunkDecoder", "ChunkStats", "DecodeStats",
-    "BackgroundWriter", "DeviceChunkDecoder", "StreamChunkDecoder", "SyncChunkDecoder", "decode_batch", "decode_mode",
+    "BackgroundWriter", "DeviceChunkDecoder", "RowParallelChunkDecoder", "StreamChunkDecoder", "SyncChunkDecoder",
+    "decode_batch", "decode_mode",
     "frames_to_host", "make_chunk_decoder", "open_video_writer",
 ]

@@ -60,6 +60,7 @@ class CausalConv3d(nn.Conv3d):
     """3-D convolution padded only towards the past in time, with optional streaming state."""
 
     channels_last = False  # set by WanVAE.to_channels_last(): inputs are made channels-last (NDHWC)
+    row_split = None  # set by WanVAE.split_rows(): this rank decodes a band of rows (parallel/vae_decode.py)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int],
                  stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0) -> None:
@@ -77,9 +78,13 @@ class CausalConv3d(nn.Conv3d):
             pad_t -= past.shape[2]
         if pad_t > 0:
             x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
+        padding = self.padding
+        if self.row_split is not None:  # the row padding comes from the neighbouring bands
+            x = self.row_split.extend(x, padding[1])
+            padding = (0, 0, padding[2])
         if self.channels_last:  # a no-op when the input already is (the usual case on CUDA)
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        return super().forward(x)
+        return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
         """Convolve `x`; with a cache, the stream's previous frames replace the zero padding."""
@@ -128,8 +133,12 @@ class NearestUpsample2x(nn.Module):
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last_3d if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) \
-        and not x.is_contiguous() else torch.contiguous_format
+    """channels_last(_3d) for a 4-D (5-D) tensor stored so, else the default format."""
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+        if x.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
 
 
 def _frames_to_batch(x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +161,7 @@ class Resample(nn.Module):
 
     MODES = ("upsample2d", "upsample3d", "downsample2d", "downsample3d")
     channels_last = False  # set by WanVAE.to_channels_last()
+    row_split = None  # set by WanVAE.split_rows() (up-sampling modes only)
 
     def __init__(self, dim: int, mode: str) -> None:
         super().__init__()
@@ -173,7 +183,14 @@ class Resample(nn.Module):
             x = self._temporal_upsample(x, cache)
         if self.channels_last:  # frames of a channels-last 5-D tensor are channels-last images (a view)
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        x = _batch_to_frames(self.resample(_frames_to_batch(x)), b)
+        if self.row_split is None:
+            x = _batch_to_frames(self.resample(_frames_to_batch(x)), b)
+        else:  # a band: nearest up-sampling is per row, the convolution takes its halo rows from the neighbours
+            if not self.mode.startswith("upsample"):
+                raise ValueError("Resample: a row-split decode has no down-sampling")
+            up, conv = self.resample
+            y = self.row_split.extend(up(_frames_to_batch(x)), conv.padding[0])
+            x = _batch_to_frames(F.conv2d(y, conv.weight, conv.bias, conv.stride, (0, conv.padding[1])), b)
         if self.mode == "downsample3d":
             x = self._temporal_downsample(x, cache)
         return x
@@ -250,6 +267,8 @@ class ResidualBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Single-head self-attention over the pixels of each frame (no temporal mixing, no cache)."""
 
+    row_split = None  # set by WanVAE.split_rows(): attend over the whole frame, return this rank's band
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm = RMSNorm(dim, images=True)
@@ -257,6 +276,12 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_split is None:
+            return self._attend(x)
+        full = self._attend(self.row_split.gather(x))
+        return full[..., self.row_split.rows(full.shape[-2]), :]
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
         y = self.norm(_frames_to_batch(x))
         qkv = self.to_qkv(y).reshape(b * t, 1, 3 * c, h * w).permute(0, 1, 3, 2).contiguous()

@@ -182,6 +182,16 @@ class WanVAE(nn.Module):
         self.channels_last = True
         return self
 
+    def split_rows(self, split) -> "WanVAE":
+        """Decode a band of rows on this rank (`longlive.parallel.vae_decode.RowSplit`, or None to undo): the
+        decoder's row-padded convolutions take halo rows from the neighbouring ranks and its attention sees
+        whole frames, so the bands of all ranks together equal the one-process decode. Give each rank's
+        decoder its band of the latent rows (`split.rows(h)`). Returns self."""
+        for m in self.decoder.modules():
+            if isinstance(m, (CausalConv3d, Resample, AttentionBlock)):
+                m.row_split = split
+        return self
+
     def fuse_decoder_norms(self) -> "WanVAE":
         """Run each RMS norm + SiLU pair of the decoder's residual blocks as one Triton kernel
         (`kernels.rms_silu_channels_last`) where the activations are bfloat16 channels-last on CUDA (see
