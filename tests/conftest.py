@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -44,3 +48,30 @@ def interpreter_results(request) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(tag)]
     assert proc.returncode == 0 and lines, f"interpreter child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(lines[-1][len(tag):])
+
+
+@pytest.fixture(scope="session")
+def launch_workers():
+    """`launch_workers(script, world, out_dir)`: run a test file as a script, one process per rank (its
+    `--worker OUT_DIR` entry: gloo, FileStore rendezvous in `out_dir`), and load what each rank saved to
+    `out_dir/rank{r}.pt`; returns (results, logs)."""
+    return _launch_workers
+
+
+def _launch_workers(script: str, world: int, out_dir, timeout: float = 150) -> tuple[list[dict], list[str]]:
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, script, "--worker", str(out_dir)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} of {world} exited with {p.returncode}:\n{log}"
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)], logs

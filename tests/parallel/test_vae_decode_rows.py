@@ -7,7 +7,6 @@ it with the one-process decode of the same video, which every worker also comput
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -104,28 +103,9 @@ def _worker(out_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- test side
-def _launch(world: int, out_dir: Path) -> list[dict]:
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(out_dir)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=150)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} of {world} exited with {p.returncode}:\n{log}"
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=["rows2", "rows4"])
-def results(request, tmp_path_factory):
-    return request.param, _launch(request.param, tmp_path_factory.mktemp(f"rows{request.param}"))
+def results(request, tmp_path_factory, launch_workers):
+    return request.param, launch_workers(__file__, request.param, tmp_path_factory.mktemp(f"rows{request.param}"))[0]
 
 
 def test_banded_decode_equals_the_one_process_decode(results) -> None:

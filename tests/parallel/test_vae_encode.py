@@ -7,7 +7,6 @@ results, which the tests compare against single-process encodes.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -99,31 +98,10 @@ def _worker(out_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- test side
-def _launch(world: int, out_dir: Path) -> tuple[list[dict], list[str]]:
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(out_dir)], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=150)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} of {world} exited with {p.returncode}:\n{log}"
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)], logs
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=["sp2", "sp4"])
-def run(request, tmp_path_factory):
+def run(request, tmp_path_factory, launch_workers):
     world = request.param
-    results, logs = _launch(world, tmp_path_factory.mktemp(f"sp{world}"))
+    results, logs = launch_workers(__file__, world, tmp_path_factory.mktemp(f"sp{world}"))
     return world, results, logs
 
 

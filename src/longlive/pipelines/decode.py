@@ -289,58 +289,25 @@ class SyncChunkDecoder(ChunkDecoder):
 
     mode = "sync"
 
-    def __init__(self, vae: Any, sink: ChunkDecodeSink) -> None:
+    def __init__(self, vae: Any, sink: ChunkDecodeSink | None) -> None:
         super().__init__(vae, sink)
         self._decoder = vae.stream_decoder()
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decoder.decode_chunk(latents)
 
     def submit(self, chunk_index: int, latents: torch.Tensor) -> None:
         self._check_submit(chunk_index, latents)
         t0 = time.perf_counter()
-        video = self._decoder.decode_chunk(latents)
-        _sync(video.device)
-        t1 = time.perf_counter()
-        frames = frames_to_host(video)
-        del video
-        self.sink.append(frames)
-        t2 = time.perf_counter()
-        self.stats.chunks.append(ChunkStats(chunk_index, frames.shape[0], t1 - t0, t2 - t1))
-        self.stats.caller_seconds += t2 - t0
-
-    def finish(self) -> None:
-        self._finished = True
-
-    def close(self) -> None:
-        super().close()
-        self._decoder = None
-
-
-class RowParallelChunkDecoder(ChunkDecoder):
-    """Every rank of a process group decodes a band of rows of each chunk (`WanVAE.split_rows`,
-    `longlive.parallel.vae_decode`); the bands are gathered into whole frames, which the rank holding the
-    sink appends. All ranks call `submit` with the whole latent chunk, in the same order; ranks without
-    a sink pass `sink=None`. Synchronous, like "sync"."""
-
-    mode = "rows"
-
-    def __init__(self, vae: Any, sink: ChunkDecodeSink | None, split: Any) -> None:
-        super().__init__(vae, sink)
-        self.split = split
-        vae.split_rows(split)
-        self._decoder = vae.stream_decoder()
-
-    def submit(self, chunk_index: int, latents: torch.Tensor) -> None:
-        self._check_submit(chunk_index, latents)
-        t0 = time.perf_counter()
-        band = self._decoder.decode_chunk(latents[..., self.split.rows(latents.shape[-2]), :])
-        video = self.split.gather(band)
+        video = self._decode(latents)
         _sync(video.device)
         t1 = time.perf_counter()
         frames = 0
-        if self.sink is not None:
+        if self.sink is not None:  # (a rank of a "rows" group without the writer)
             host = frames_to_host(video)
             frames = host.shape[0]
             self.sink.append(host)
-        del video, band
+        del video
         t2 = time.perf_counter()
         self.stats.chunks.append(ChunkStats(chunk_index, frames, t1 - t0, t2 - t1))
         self.stats.caller_seconds += t2 - t0
@@ -351,6 +318,23 @@ class RowParallelChunkDecoder(ChunkDecoder):
     def close(self) -> None:
         super().close()
         self._decoder = None
+
+
+class RowParallelChunkDecoder(SyncChunkDecoder):
+    """Every rank of a process group decodes a band of rows of each chunk (`WanVAE.split_rows`,
+    `longlive.parallel.vae_decode`); the bands are gathered into whole frames, which the rank holding the
+    sink appends. All ranks call `submit` with the whole latent chunk, in the same order; ranks without
+    a sink pass `sink=None`. Synchronous, like "sync"."""
+
+    mode = "rows"
+
+    def __init__(self, vae: Any, sink: ChunkDecodeSink | None, split: Any) -> None:
+        self.split = split
+        super().__init__(vae.split_rows(split), sink)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        band = self._decoder.decode_chunk(latents[..., self.split.rows(latents.shape[-2]), :])
+        return self.split.gather(band)
 
 
 @dataclass
