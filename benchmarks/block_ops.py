@@ -6,7 +6,7 @@ could use (speed issue: which change pays before it is made).
   layout), with the output's copy back to `[B, S, H*D]` for the o projection;
 - q, k, v as three products vs one fused `[dim, 3*dim]` product;
 - the FFN's first product then GELU(tanh) vs cuBLASLt's fused GELU epilogue (`torch._addmm_activation`);
-- the text K/V products of cross-attention (computed every call vs once per prompt).
+- the text K/V products of cross-attention (computed every call vs once per chunk).
 
     python benchmarks/block_ops.py [--json out.json]
 """

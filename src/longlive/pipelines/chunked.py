@@ -165,7 +165,8 @@ def generate_latents(
     sp = sequence_parallel
     timer = timer or PhaseTimer(enabled=False)
 
-    # cross-attention K/V once per prompt, not once per forward
+    # cross-attention K/V once per chunk (its denoising steps and refresh share them; the negative prompt's
+    # once per video), not once per forward
     negative_kv = model.text_kv(negative_embeds) if use_cfg else None
 
     def velocity(x, t, text_kv):

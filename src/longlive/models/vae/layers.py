@@ -7,9 +7,15 @@ original Wan2.2 `vae2_2.py` layout (`residual.0/2/3/6`, `shortcut`, `resample.1`
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import kernels
+
+log = logging.getLogger(__name__)
 
 # Marks the slot of a temporal up-sampler that has seen the first latent of its stream: the first
 # latent is not up-sampled in time (1 latent -> 1 frame), later ones are (1 latent -> 2 frames).
@@ -231,12 +237,18 @@ def rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor
 
 def _fused_rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
     """`rms_silu` as one Triton kernel where it applies (bf16 channels-last on CUDA: `kernels.py`), else
-    the eager ops."""
-    from . import kernels
-
+    the eager ops (said once per kind of input, since it is slower)."""
     if kernels.supported(x):
         return kernels.rms_silu_channels_last(x, gamma, scale)
+    kind = (x.device.type, x.dtype, x.is_contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else False)
+    if kind not in _EAGER_NORMS_TOLD:
+        _EAGER_NORMS_TOLD.add(kind)
+        log.warning("fuse_decoder_norms: eager RMS norm + SiLU for %s %s input (channels-last: %s); the fused "
+                    "kernel needs bfloat16 channels-last activations on CUDA and triton", *kind)
     return rms_silu(x, gamma, scale)
+
+
+_EAGER_NORMS_TOLD: set[tuple] = set()
 
 
 class ResidualBlock(nn.Module):

@@ -14,6 +14,7 @@ The kernel also runs on CPU tensors under `TRITON_INTERPRET=1` (tests).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -29,9 +30,17 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
+log = logging.getLogger(__name__)
+_TOLD: list[bool] = []  # the missing-triton warning is given once
+
+
 def available(device: torch.device) -> bool:
     """Whether the fused kernel can run on `device` (CUDA with triton, or CPU under the interpreter)."""
     if triton is None:
+        if device.type == "cuda" and not _TOLD:
+            _TOLD.append(True)
+            log.warning("triton is not installed: cached inference runs q/k norm, RoPE and the KV-cache write as "
+                        "separate PyTorch ops (slower; same values)")
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
