@@ -130,6 +130,22 @@ def time_cuda(fn: Callable[[], object], reps: int = 20, repeats: int = 5) -> flo
     return statistics.median(per_call)
 
 
+def time_graph(fn: Callable[[], object], reps: int = 20, repeats: int = 5) -> float:
+    """Median seconds per call of ``fn`` replayed from a CUDA graph of ``reps`` calls (device time only:
+    no Python or launch overhead). ``fn`` must not synchronise with the host."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return time_cuda(graph.replay, reps=1, repeats=repeats) / reps
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 512 * 2**20) -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -139,61 +155,68 @@ def copy_bandwidth(device: torch.device, nbytes: int = 512 * 2**20) -> float:
 
 
 def throughput(device: torch.device, copy_bw: float, sweep: bool) -> list[dict]:
-    """Time quantize / dequantize on realistic shapes; bytes are logical (input once, outputs once)."""
+    """Time quantize / dequantize on realistic shapes; bytes are logical (input once, outputs once).
+
+    ``kernel`` rows are device time from CUDA-graph replay (amax given, no validation: one kernel
+    launch); ``call`` rows are the whole validated call (amax reduction + one host sync), event-timed.
+    """
     gen = torch.Generator(device=device).manual_seed(1)
     out = []
+
+    def record(name, rows, cols, op, t, nbytes, **extra):
+        out.append({"shape_name": name, "shape": [rows, cols], "op": op, **extra, "seconds": t,
+                    "GBps": nbytes / t / 1e9, "fraction_of_copy": nbytes / t / copy_bw})
+
     for name, rows, cols in BENCH_SHAPES:
         x = _data(rows, cols, "gauss", torch.bfloat16, gen)
         n = x.numel()
         amax = torch.linalg.vector_norm(x, ord=float("inf")).float().reshape(1)
         u = torch.rand(x.shape, generator=gen, device=device)
         q_bytes = n * 2 + n // 2 + n // 16
-        for rule, rnd in (("static_6", "nearest"), ("mse", "nearest"), ("mse", "stochastic")):
+        for rule, rnd in (("static_6", "nearest"), ("mse", "nearest"), ("abs_max", "nearest"),
+                          ("static_6", "stochastic"), ("mse", "stochastic")):
             uu = u if rnd == "stochastic" else None
-            extra = n * 4 if uu is not None else 0
-            variants = {
-                "quantize_validated": lambda: quantize_triton(x, rule, round=rnd, uniform=uu),
-                "quantize_no_sync": lambda: quantize_triton(x, rule, round=rnd, uniform=uu, validate=False),
-                "quantize_kernel_given_amax": lambda: quantize_triton(
-                    x, rule, round=rnd, uniform=uu, validate=False, amax=amax),
-            }
-            for vname, fn in variants.items():
-                t = time_cuda(fn)
-                bw = (q_bytes + extra) / t
-                out.append({"shape_name": name, "shape": [rows, cols], "op": vname, "rule": rule, "round": rnd,
-                            "seconds": t, "GBps": bw / 1e9, "fraction_of_copy": bw / copy_bw})
+            b = q_bytes + (n * 4 if uu is not None else 0)
+            t = time_graph(lambda: quantize_triton(x, rule, round=rnd, uniform=uu, validate=False, amax=amax))
+            record(name, rows, cols, "quantize_kernel", t, b, rule=rule, round=rnd)
+            if rule != "abs_max":
+                t = time_cuda(lambda: quantize_triton(x, rule, round=rnd, uniform=uu))
+                record(name, rows, cols, "quantize_call_validated", t, b, rule=rule, round=rnd)
             if sweep and rnd == "nearest":
-                for br in (8, 16, 32, 64):
+                for br in (16, 32, 64, 128):
                     for bc in (64, 128):
                         if (cols + 63) // 64 * 64 % bc:
                             continue
-                        t = time_cuda(lambda: quantize_triton(x, rule, validate=False, amax=amax,
-                                                              block_rows=br, block_cols=bc))
-                        bw = q_bytes / t
-                        out.append({"shape_name": name, "shape": [rows, cols], "op": "quantize_kernel_sweep",
-                                    "rule": rule, "block": [br, bc], "seconds": t, "GBps": bw / 1e9,
-                                    "fraction_of_copy": bw / copy_bw})
+                        t = time_graph(lambda: quantize_triton(x, rule, validate=False, amax=amax,
+                                                               block_rows=br, block_cols=bc))
+                        record(name, rows, cols, "quantize_kernel_sweep", t, q_bytes, rule=rule, block=[br, bc])
         q = quantize_triton(x, "mse")
         d_bytes = n // 2 + n // 16 + n * 2
         for dt in (torch.bfloat16, torch.float32):
             b = d_bytes + (n * 2 if dt == torch.float32 else 0)
-            t = time_cuda(lambda: dequantize_triton(q, dt))
-            out.append({"shape_name": name, "shape": [rows, cols], "op": f"dequantize_{str(dt)[6:]}",
-                        "seconds": t, "GBps": b / t / 1e9, "fraction_of_copy": b / t / copy_bw})
+            t = time_graph(lambda: dequantize_triton(q, dt))
+            record(name, rows, cols, f"dequantize_{str(dt)[6:]}", t, b)
             if sweep and dt == torch.bfloat16:
-                for br in (8, 16, 32, 64):
+                for br in (16, 32, 64, 128):
                     for bc in (64, 128):
                         if (cols + 63) // 64 * 64 % bc:
                             continue
-                        t = time_cuda(lambda: dequantize_triton(q, dt, block_rows=br, block_cols=bc))
-                        out.append({"shape_name": name, "shape": [rows, cols], "op": "dequantize_sweep",
-                                    "block": [br, bc], "seconds": t, "GBps": d_bytes / t / 1e9,
-                                    "fraction_of_copy": d_bytes / t / copy_bw})
+                        t = time_graph(lambda: dequantize_triton(q, dt, block_rows=br, block_cols=bc))
+                        record(name, rows, cols, "dequantize_sweep", t, d_bytes, block=[br, bc])
         # for scale: the pure-PyTorch reference on the same input
         t = time_cuda(lambda: nv.quantize(x, "mse"), reps=2, repeats=3)
-        out.append({"shape_name": name, "shape": [rows, cols], "op": "reference_quantize_torch", "rule": "mse",
-                    "seconds": t, "GBps": q_bytes / t / 1e9, "fraction_of_copy": q_bytes / t / copy_bw})
+        record(name, rows, cols, "reference_quantize_torch", t, q_bytes, rule="mse")
     return out
+
+
+def summary(perf: list[dict]) -> str:
+    """One line per timed row: shape, op, rule/round/block, microseconds, fraction of the copy."""
+    lines = []
+    for r in perf:
+        tag = " ".join(str(r[k]) for k in ("rule", "round", "block") if k in r)
+        lines.append(f"{r['shape_name']:<11} {r['op']:<26} {tag:<24} {r['seconds'] * 1e6:9.1f} us "
+                     f"{r['fraction_of_copy']:.3f}")
+    return "\n".join(lines)
 
 
 def _commit() -> str | None:
@@ -239,6 +262,7 @@ def main() -> int:
     }
     text = json.dumps(report, indent=1)
     sys.stdout.write(text + "\n")
+    sys.stdout.write(summary(perf) + "\n")
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "nvfp4_kernels.json"
         path.write_text(text)

@@ -83,6 +83,37 @@ def _child() -> dict[str, object]:
     out["bf16_rounding"] = bool(torch.equal(bf_out, bf_in.to(torch.bfloat16).view(torch.int16))) and bool(
         torch.equal(bf_ties, ties.to(torch.bfloat16).view(torch.int16)))
 
+    # E2M1 rounding helpers: every grid value and midpoint, their float32 neighbours, values just
+    # below each binade edge, beyond the saturation point, and random values; uniforms include the
+    # largest float32 below 1 (where a * inv_step + u can round up into the next binade)
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    points = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, torch.tensor([7.0, 8.0, 100.0, 1e-30])])
+    a = torch.cat([points, torch.nextafter(points, torch.zeros_like(points)),
+                   torch.nextafter(points, torch.full_like(points, 1e3)),
+                   torch.rand(4000, generator=torch.Generator().manual_seed(3)) * 7]).abs()
+    us = torch.tensor([0.0, 0.25, 0.5, 0.75, float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))])
+    a2 = a.repeat(len(us)).contiguous()
+    u2 = us.repeat_interleave(len(a)).contiguous()
+    k_near = torch.empty(a2.numel(), dtype=torch.int32)
+    k_sto = torch.empty_like(k_near)
+    r_near, r_sto = torch.empty_like(a2), torch.empty_like(a2)
+    _probe_e2m1[(triton.cdiv(a2.numel(), 1024),)](a2, u2, k_near, r_near, k_sto, r_sto, a2.numel(), BLOCK=1024)
+    ref_near = nv.round_to_e2m1_codes(a2).to(torch.int32)
+    ref_sto = nv.stochastic_round_to_e2m1_codes(a2, u2).to(torch.int32)
+    lut = torch.tensor(nv.E2M1_VALUES)
+    out["e2m1_nearest"] = bool(torch.equal(k_near, ref_near)) and bool(torch.equal(r_near, lut[ref_near.long()]))
+    out["e2m1_stochastic"] = bool(torch.equal(k_sto, ref_sto)) and bool(torch.equal(r_sto, lut[ref_sto.long()]))
+    ac = a2.clamp(max=6.0)
+    inv_step = torch.where(ac < 2, 2.0, torch.where(ac < 4, 1.0, 0.5))
+    n = (ac * inv_step + u2).to(torch.int32)
+    out["e2m1_stochastic_binade_carry_seen"] = int((n > torch.where(ac < 4, 4, 3)).sum())
+    signs = torch.tensor([1.0, -1.0]).repeat_interleave(8).repeat(8)
+    k7 = torch.arange(8, dtype=torch.int32).repeat(16) + 7
+    codes = torch.empty_like(k7)
+    _probe_sign[(1,)](k7, signs.contiguous(), codes, k7.numel(), BLOCK=128)
+    want = (k7 - 7) + 8 * ((signs < 0) & (k7 > 7)).to(torch.int32)
+    out["signed_codes"] = bool(torch.equal(codes, want))
+
     for i, (name, (rows, cols, kind, dtype, rule, rnd, block)) in enumerate(QUANT_CASES.items()):
         br, bc = block or (None, None)
         x = _data(rows, cols, kind, dtype, seed=i)
@@ -116,6 +147,13 @@ def _child() -> dict[str, object]:
     return out
 
 
+
+
+def test_e2m1_rounding_helpers_match_the_reference(interpreter_results: dict) -> None:
+    assert interpreter_results["e2m1_nearest"]
+    assert interpreter_results["e2m1_stochastic"]
+    assert interpreter_results["e2m1_stochastic_binade_carry_seen"] > 0  # the case the minimum guards
+    assert interpreter_results["signed_codes"]
 
 
 def test_e4m3_and_bf16_bit_rounding_match_torch(interpreter_results: dict) -> None:
@@ -182,5 +220,25 @@ if __name__ == "__main__":
         tl.store(code_ptr + offs, code, mask=m)
         tl.store(val_ptr + offs, val, mask=m)
         tl.store(bf_ptr + offs, nt._bf16_bits(p), mask=m)
+
+    @triton.jit
+    def _probe_e2m1(a_ptr, u_ptr, kn_ptr, rn_ptr, ks_ptr, rs_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        a = tl.load(a_ptr + offs, mask=m, other=0.0)
+        u = tl.load(u_ptr + offs, mask=m, other=0.0)
+        k, r = nt._e2m1_round(a)
+        tl.store(kn_ptr + offs, k, mask=m)
+        tl.store(rn_ptr + offs, r, mask=m)
+        k, r = nt._e2m1_round_stochastic(a, u)
+        tl.store(ks_ptr + offs, k, mask=m)
+        tl.store(rs_ptr + offs, r, mask=m)
+
+    @triton.jit
+    def _probe_sign(k7_ptr, x_ptr, code_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        code = nt._signed_codes(tl.load(k7_ptr + offs, mask=m, other=7), tl.load(x_ptr + offs, mask=m, other=0.0))
+        tl.store(code_ptr + offs, code, mask=m)
 
     print(RESULT_TAG + json.dumps(_child()), flush=True)

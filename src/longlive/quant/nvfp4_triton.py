@@ -169,80 +169,228 @@ def _scale_offsets(row, scol, scale_cols):
     return (tile * 32 + row % 32) * 16 + (row % 128 // 32) * 4 + scol % 4
 
 
+@triton.jit
+def _e2m1_round(a, OFFSET: tl.constexpr = 0):
+    """Nearest E2M1 step of a = |xs| (float32, finite, >= 0), ties to even, saturating at 6.
+
+    Returns (k + OFFSET int32, k = the code 0..7; the E2M1 magnitude float32). Adding 2^22 / 2^23 /
+    2^24 (for a below 2 / 4 / 8, taken from the exponent of max(a, 1)) puts the float32 unit in
+    the last place at the E2M1 spacing of the binade (0.5, 1, 2), so the addition itself rounds
+    to nearest-even; the difference of the bit patterns counts the steps, and the exponent gives
+    the code of the binade's first step. Needs FMA contraction off (``enable_fp_fusion=False``),
+    which every launch sets.
+    """
+    a = tl.minimum(a, 6.0)
+    e = tl.maximum(a, 1.0).to(tl.int32, bitcast=True) & 0x7F800000
+    magic = (e + (22 << 23)).to(tl.float32, bitcast=True)
+    t = a + magic
+    # steps = bits(t) - e - (22 << 23); first code of the binade = 2 * (exponent - 127) = (e >> 22) - 254
+    k = t.to(tl.int32, bitcast=True) - e + (e >> 22) + (OFFSET - (22 << 23) - 254)
+    return k, t - magic
+
+
+@triton.jit
+def _e2m1_round_stochastic(a, u):
+    """Stochastic E2M1 step of a = |xs|: floor(min(a, 6)/step + u) * step, as the reference computes it.
+
+    Returns (k int32 0..7, the E2M1 magnitude). When the float32 sum rounds up to the next binade
+    (a step past the grid) the reference's thresholds give the binade's top code, hence the minimum.
+    """
+    a = tl.minimum(a, 6.0)
+    lt2 = a < 2.0
+    lt4 = a < 4.0
+    inv_step = tl.where(lt2, 2.0, tl.where(lt4, 1.0, 0.5))
+    step = tl.where(lt2, 0.5, tl.where(lt4, 1.0, 2.0))
+    n = (a * inv_step + u).to(tl.int32)
+    n = tl.minimum(n, tl.where(lt4, 4, 3))
+    k = n + tl.where(lt2, 0, tl.where(lt4, 2, 4))
+    return k, n.to(tl.float32) * step
+
+
+@triton.jit
+def _signed_codes(k7, x):
+    """E2M1 codes from k7 = magnitude code + 7 and the sign of x (negatives rounded to 0 get code 0).
+
+    k7 lies in 7..14, so bit 3 of k7 is set exactly when the magnitude code is not 0.
+    """
+    return k7 - 7 + (k7 & (x.to(tl.int32, bitcast=True) >> 28) & 8)
+
+
+@triton.jit
+def _block_scale(bmax, k, dec):
+    """E4M3 block scale of blocks with max bmax: (scale code int32, its value, 1/(scale*dec) or 0)."""
+    p = bmax * k
+    p = tl.where(bmax > 0, p, 0.0)
+    p = tl.where(p > 448.0, 448.0, p)
+    sb_code, sb = _e4m3_round(p)
+    scale = sb * dec
+    normal = scale >= 1.1754943508222875e-38  # smallest normal float32
+    safe = tl.where(normal, scale, 1.0)
+    inv = tl.where(normal, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), safe), 0.0)
+    return sb_code, sb, inv
+
+
+@triton.jit
+def _half_round(xh, uh, inv, STOCHASTIC: tl.constexpr, OFFSET: tl.constexpr):
+    """E2M1 magnitudes (code + OFFSET [M, 8] int32, value float32) of one half of each block."""
+    a = tl.abs(xh * inv[:, None])
+    if STOCHASTIC:
+        k, r = _e2m1_round_stochastic(a, uh)
+        k = k + OFFSET
+    else:
+        k, r = _e2m1_round(a, OFFSET)
+    return k, r
+
+
+@triton.jit
+def _half_diff(r, sb, dec, xh):
+    """|dequantized| - |x| of one half: the candidate's error up to its sign (which no rule uses)."""
+    return (r * sb[:, None]) * dec - tl.abs(xh)
+
+
+@triton.jit
+def _sum8(t, M: tl.constexpr):
+    """Sum [M, 8] over the last dim as ((e0+e1)+(e2+e3))+((e4+e5)+(e6+e7)) (the reference's tree)."""
+    a, b = tl.split(tl.reshape(t, (M, 4, 2)))
+    t = a + b
+    a, b = tl.split(tl.reshape(t, (M, 2, 2)))
+    t = a + b
+    a, b = tl.split(t)
+    return a + b
+
+
+@triton.jit
+def _half_error(da, db, RULE: tl.constexpr, M: tl.constexpr):
+    """Four-over-six block error from the two halves of (dequantized - x): 1 sse, 2 sae, 3 max abs."""
+    if RULE == 1:
+        err = _sum8(da * da, M) + _sum8(db * db, M)
+    elif RULE == 2:
+        err = _sum8(tl.abs(da), M) + _sum8(tl.abs(db), M)
+    else:
+        err = tl.maximum(tl.max(tl.abs(da), axis=1), tl.max(tl.abs(db), axis=1))
+    return err
+
+
+@triton.jit
+def _pack_half(codes, M: tl.constexpr):
+    """Pack codes [M, 8] (0..15) into one int32 per row, low nibble first (bit operations only)."""
+    lo, hi = tl.split(tl.reshape(codes, (M, 4, 2)))
+    lo, hi = tl.split(tl.reshape(lo | (hi << 4), (M, 2, 2)))
+    lo, hi = tl.split(lo | (hi << 8))
+    return lo | (hi << 16)
+
+
+@triton.jit
+def _unpack_half(word, dec, sb, M: tl.constexpr):
+    """Dequantize 8 codes packed in an int32 per row: (value * block scale) * decode, float32 [M, 8]."""
+    shift = tl.arange(0, 8) * 4
+    code = (word[:, None] >> shift[None, :]) & 15
+    # E2M1 code -> float32 bits with the same exponent/mantissa fields, then times 2^126 (exact; the
+    # E2M1 subnormals 0 and 0.5 come out of float32 subnormals)
+    bits = ((code & 7) << 22) | ((code & 8) << 28)
+    value = bits.to(tl.float32, bitcast=True) * 8.507059173023462e37
+    return (value * sb[:, None]) * dec
+
+
 # --------------------------------------------------------------------------------------------------
 # Kernels
 
 
 @triton.jit
 def _quantize_kernel(
-    x_ptr, u_ptr, values_ptr, scales_ptr, k_ptr, k4_ptr, dec_ptr,
-    rows, cols, stride_x, stride_u, half_cols_padded, scale_cols,
+    x_ptr, u_ptr, words_ptr, scales_ptr, amax_ptr,
+    rows, cols, stride_x, stride_u, words_per_row, scale_cols,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, RULE: tl.constexpr, STOCHASTIC: tl.constexpr,
+    E2M1_MAX: tl.constexpr, E4M3_MAX: tl.constexpr,
 ):
-    """One program quantizes a [BLOCK_R, BLOCK_C] tile of the padded tensor (1x16 blocks)."""
+    """One program quantizes a [BLOCK_R, BLOCK_C] tile of the padded tensor (1x16 blocks).
+
+    The tile is held as M = BLOCK_R * BLOCK_C / 16 blocks, each loaded as two halves of 8 so that a
+    block's elements stay in one thread (block max, error sums and nibble packing need no shuffles).
+    The per-tensor factors are computed here from amax with the reference's divisions.
+    """
     NB: tl.constexpr = BLOCK_C // 16
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    mask = (r[:, None] < rows) & (c[None, :] < cols)
-    x = tl.load(x_ptr + r[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    xb = tl.reshape(x, (BLOCK_R, NB, 16))
+    M: tl.constexpr = BLOCK_R * NB
+    i = tl.arange(0, M)
+    r = tl.program_id(0) * BLOCK_R + i // NB
+    blk = tl.program_id(1) * NB + i % NB
+    j = tl.arange(0, 8)
+    col = blk[:, None] * 16 + j[None, :]
+    row_ok = (r < rows)[:, None]
+    xrow = x_ptr + r.to(tl.int64) * stride_x
+    xa = tl.load(xrow[:, None] + col, mask=row_ok & (col < cols), other=0.0).to(tl.float32)
+    xb = tl.load(xrow[:, None] + col + 8, mask=row_ok & (col + 8 < cols), other=0.0).to(tl.float32)
     if STOCHASTIC:
-        u = tl.load(u_ptr + r[:, None] * stride_u + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        u = tl.reshape(u, (BLOCK_R, NB, 16))
+        urow = u_ptr + r.to(tl.int64) * stride_u
+        ua = tl.load(urow[:, None] + col, mask=row_ok & (col < cols), other=0.0)
+        ub = tl.load(urow[:, None] + col + 8, mask=row_ok & (col + 8 < cols), other=0.0)
     else:
-        u = xb
-    bmax = tl.max(tl.abs(xb), axis=2)
-    k = tl.load(k_ptr)
-    dec = tl.load(dec_ptr)
-    codes, sb_code, deq = _candidate(xb, bmax, k, dec, u, STOCHASTIC)
+        ua = xa
+        ub = xb
+    amax = tl.load(amax_ptr)
+    k = tl.math.div_rn(tl.zeros_like(amax) + E4M3_MAX, amax)
+    dec = tl.math.div_rn(amax, tl.zeros_like(amax) + E2M1_MAX * E4M3_MAX)
+    bmax = tl.maximum(tl.max(tl.abs(xa), axis=1), tl.max(tl.abs(xb), axis=1))
+    sb_code, sb, inv = _block_scale(bmax, k, dec)
+    ka, ra = _half_round(xa, ua, inv, STOCHASTIC, 7)
+    kb, rb = _half_round(xb, ub, inv, STOCHASTIC, 7)
     if RULE != 0:
-        k4 = tl.load(k4_ptr)
-        codes4, sb_code4, deq4 = _candidate(xb, bmax, k4, dec, u, STOCHASTIC)
-        err6 = _block_error(deq - xb, RULE, BLOCK_R, NB)
-        err4 = _block_error(deq4 - xb, RULE, BLOCK_R, NB)
-        pick4 = err4 < err6
-        codes = tl.where(pick4[:, :, None], codes4, codes)
+        k4 = tl.math.div_rn(tl.zeros_like(amax) + E4M3_MAX * E2M1_MAX / 4.0, amax)
+        sb_code4, sb4, inv4 = _block_scale(bmax, k4, dec)
+        ka4, ra4 = _half_round(xa, ua, inv4, STOCHASTIC, 7)
+        kb4, rb4 = _half_round(xb, ub, inv4, STOCHASTIC, 7)
+        err6 = _half_error(_half_diff(ra, sb, dec, xa), _half_diff(rb, sb, dec, xb), RULE, M)
+        err4 = _half_error(_half_diff(ra4, sb4, dec, xa), _half_diff(rb4, sb4, dec, xb), RULE, M)
+        pick4 = err4 < err6  # ties keep the max->6 candidate
+        ka = tl.where(pick4[:, None], ka4, ka)
+        kb = tl.where(pick4[:, None], kb4, kb)
         sb_code = tl.where(pick4, sb_code4, sb_code)
-    lo, hi = tl.split(tl.reshape(codes, (BLOCK_R, BLOCK_C // 2, 2)))
-    packed = (lo | (hi << 4)).to(tl.uint8)
-    cc = (pid_c * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)).to(tl.int64)
-    tl.store(values_ptr + r[:, None] * half_cols_padded + cc[None, :], packed)
-    sc = (pid_c * NB + tl.arange(0, NB)).to(tl.int64)
-    tl.store(scales_ptr + _scale_offsets(r[:, None], sc[None, :], scale_cols), sb_code.to(tl.uint8))
+    ca = _signed_codes(ka, xa)
+    cb = _signed_codes(kb, xb)
+    word = _pack_half(ca, M).to(tl.uint32).to(tl.int64) | (_pack_half(cb, M).to(tl.int64) << 32)
+    tl.store(words_ptr + r.to(tl.int64) * words_per_row + blk, word)
+    tl.store(scales_ptr + _scale_offsets(r, blk, scale_cols), sb_code.to(tl.uint8))
 
 
 @triton.jit
 def _dequantize_kernel(
-    values_ptr, scales_ptr, dec_ptr, out_ptr,
-    rows, cols, stride_out, half_cols_padded, scale_cols,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, OUT_KIND: tl.constexpr,
+    words_ptr, scales_ptr, amax_ptr, out_ptr,
+    rows, cols, stride_out, words_per_row, scale_cols,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, OUT_KIND: tl.constexpr, DENOM: tl.constexpr,
 ):
-    """One program dequantizes a [BLOCK_R, BLOCK_C] tile: (value * block scale) * decode."""
+    """One program dequantizes a [BLOCK_R, BLOCK_C] tile: (value * block scale) * decode.
+
+    One 8-byte word holds a block's 16 codes; decode = amax / DENOM (E2M1_max * E4M3_max of the rule).
+    """
     NB: tl.constexpr = BLOCK_C // 16
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cc = (pid_c * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)).to(tl.int64)
-    row_ok = r[:, None] < rows
-    b = tl.load(values_ptr + r[:, None] * half_cols_padded + cc[None, :], mask=row_ok, other=0).to(tl.int32)
-    codes = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_R, BLOCK_C))
-    vals = tl.reshape(_e2m1_value(codes), (BLOCK_R, NB, 16))
-    sc = (pid_c * NB + tl.arange(0, NB)).to(tl.int64)
-    s_code = tl.load(scales_ptr + _scale_offsets(r[:, None], sc[None, :], scale_cols), mask=row_ok, other=0)
-    s = _e4m3_value(s_code.to(tl.int32))
-    dec = tl.load(dec_ptr)
-    out = tl.reshape((vals * s[:, :, None]) * dec, (BLOCK_R, BLOCK_C))
-    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    mask = row_ok & (c[None, :] < cols)
-    ptrs = out_ptr + r[:, None] * stride_out + c[None, :]
+    M: tl.constexpr = BLOCK_R * NB
+    i = tl.arange(0, M)
+    r = tl.program_id(0) * BLOCK_R + i // NB
+    blk = tl.program_id(1) * NB + i % NB
+    ok = (r < rows) & (blk * 16 < cols)
+    word = tl.load(words_ptr + r.to(tl.int64) * words_per_row + blk, mask=ok, other=0)
+    s_code = tl.load(scales_ptr + _scale_offsets(r, blk, scale_cols), mask=ok, other=0)
+    sb = _e4m3_value(s_code.to(tl.int32))
+    amax = tl.load(amax_ptr)
+    dec = tl.math.div_rn(amax, tl.zeros_like(amax) + DENOM)
+    oa = _unpack_half(word.to(tl.int32), dec, sb, M)
+    ob = _unpack_half((word >> 32).to(tl.int32), dec, sb, M)
+    j = tl.arange(0, 8)
+    col = blk[:, None] * 16 + j[None, :]
+    row_ok = (r < rows)[:, None]
+    orow = out_ptr + r.to(tl.int64) * stride_out
+    pa = orow[:, None] + col
+    ma = row_ok & (col < cols)
+    mb = row_ok & (col + 8 < cols)
     if OUT_KIND == 0:
-        tl.store(ptrs, out, mask=mask)
+        tl.store(pa, oa, mask=ma)
+        tl.store(pa + 8, ob, mask=mb)
     elif OUT_KIND == 1:
-        tl.store(ptrs, _bf16_bits(out), mask=mask)
+        tl.store(pa, _bf16_bits(oa), mask=ma)
+        tl.store(pa + 8, _bf16_bits(ob), mask=mb)
     else:
-        tl.store(ptrs, out.to(tl.float16), mask=mask)
+        tl.store(pa, oa.to(tl.float16), mask=ma)
+        tl.store(pa + 8, ob.to(tl.float16), mask=mb)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,7 +434,7 @@ def quantize_triton(
     with ``validate=False`` non-finite inputs give undefined codes. A caller-supplied ``amax``
     (float32, must equal max|x|, else values saturate) skips the reduction pass.
     """
-    rule_maxima(rule)
+    e2m1_max, e4m3_max = rule_maxima(rule)
     if round not in ("nearest", "stochastic"):
         raise ValueError(f"round must be 'nearest' or 'stochastic', got {round!r}")
     if x.dim() != 2 or not x.is_floating_point():
@@ -307,8 +455,6 @@ def quantize_triton(
         amax = amax.reshape(1)
     if validate and not bool(torch.isfinite(amax).all()):
         check_finite(x)
-    scales = tensor_scales(amax, rule)
-    k4 = scales.block_encode_four if scales.block_encode_four is not None else scales.block_encode
     u = x  # placeholder pointer when not stochastic (never read)
     if round == "stochastic":
         if uniform is None:
@@ -327,9 +473,10 @@ def quantize_triton(
     sf = torch.empty((prow * pcol // BLOCK_SIZE,), dtype=torch.uint8, device=x.device)
     grid = (prow // br, pcol // bc)
     _quantize_kernel[grid](
-        x, u, values, sf, scales.block_encode, k4, scales.decode,
-        rows, cols, x.stride(0), u.stride(0), pcol // 2, pcol // BLOCK_SIZE,
+        x, u, values.view(torch.int64), sf, amax,
+        rows, cols, x.stride(0), u.stride(0), pcol // BLOCK_SIZE, pcol // BLOCK_SIZE,
         BLOCK_R=br, BLOCK_C=bc, RULE=_RULE_IDS[rule], STOCHASTIC=round == "stochastic",
+        E2M1_MAX=e2m1_max, E4M3_MAX=e4m3_max,
         **_LAUNCH_OPTIONS,
     )
     return NVFP4Tensor(
@@ -354,14 +501,15 @@ def dequantize_triton(
     rows, cols = q.shape
     prow, pcol = q.padded_shape
     br, bc = _block_shape(pcol, block_rows, block_cols)
-    dec = tensor_scales(q.amax, q.rule).decode
+    e2m1_max, e4m3_max = rule_maxima(q.rule)
+    amax = q.amax.reshape(1).to(device=q.values.device, dtype=torch.float32)
     out = torch.empty((rows, cols), dtype=dtype, device=q.values.device)
     out_view = out.view(torch.int16) if dtype == torch.bfloat16 else out
     grid = (triton.cdiv(rows, br), triton.cdiv(cols, bc))
     _dequantize_kernel[grid](
-        q.values, q.scale_factors.view(torch.uint8), dec, out_view,
-        rows, cols, out.stride(0), pcol // 2, pcol // BLOCK_SIZE,
-        BLOCK_R=br, BLOCK_C=bc, OUT_KIND=_OUT_KINDS[dtype],
+        q.values.contiguous().view(torch.int64), q.scale_factors.view(torch.uint8), amax, out_view,
+        rows, cols, out.stride(0), pcol // BLOCK_SIZE, pcol // BLOCK_SIZE,
+        BLOCK_R=br, BLOCK_C=bc, OUT_KIND=_OUT_KINDS[dtype], DENOM=e2m1_max * e4m3_max,
         **_LAUNCH_OPTIONS,
     )
     return out
