@@ -57,6 +57,10 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((a != b).sum())
 
 
+# (block rows, block cols, warps) of the tile sweep; a program holds rows * cols / 16 blocks
+TILES = [(16, 128, 4), (32, 64, 4), (32, 128, 4), (64, 64, 4), (16, 128, 2), (32, 128, 2), (64, 128, 8),
+         (32, 128, 8), (128, 128, 8), (16, 64, 2), (64, 64, 2)]
+
 EXACT_SHAPES = [(1, 16), (130, 200), (1000, 3072), (4096, 4096), (2048, 128)]
 
 
@@ -183,13 +187,12 @@ def throughput(device: torch.device, copy_bw: float, sweep: bool) -> list[dict]:
                 t = time_cuda(lambda: quantize_triton(x, rule, round=rnd, uniform=uu))
                 record(name, rows, cols, "quantize_call_validated", t, b, rule=rule, round=rnd)
             if sweep and rnd == "nearest":
-                for br in (16, 32, 64, 128):
-                    for bc in (64, 128):
-                        if (cols + 63) // 64 * 64 % bc:
-                            continue
-                        t = time_graph(lambda: quantize_triton(x, rule, validate=False, amax=amax,
-                                                               block_rows=br, block_cols=bc))
-                        record(name, rows, cols, "quantize_kernel_sweep", t, q_bytes, rule=rule, block=[br, bc])
+                for br, bc, nw in TILES:
+                    if (cols + 63) // 64 * 64 % bc:
+                        continue
+                    t = time_graph(lambda: quantize_triton(x, rule, validate=False, amax=amax, block_rows=br,
+                                                           block_cols=bc, num_warps=nw))
+                    record(name, rows, cols, "quantize_kernel_sweep", t, q_bytes, rule=rule, block=[br, bc, nw])
         q = quantize_triton(x, "mse")
         d_bytes = n // 2 + n // 16 + n * 2
         for dt in (torch.bfloat16, torch.float32):
@@ -197,12 +200,11 @@ def throughput(device: torch.device, copy_bw: float, sweep: bool) -> list[dict]:
             t = time_graph(lambda: dequantize_triton(q, dt))
             record(name, rows, cols, f"dequantize_{str(dt)[6:]}", t, b)
             if sweep and dt == torch.bfloat16:
-                for br in (16, 32, 64, 128):
-                    for bc in (64, 128):
-                        if (cols + 63) // 64 * 64 % bc:
-                            continue
-                        t = time_graph(lambda: dequantize_triton(q, dt, block_rows=br, block_cols=bc))
-                        record(name, rows, cols, "dequantize_sweep", t, d_bytes, block=[br, bc])
+                for br, bc, nw in TILES:
+                    if (cols + 63) // 64 * 64 % bc:
+                        continue
+                    t = time_graph(lambda: dequantize_triton(q, dt, block_rows=br, block_cols=bc, num_warps=nw))
+                    record(name, rows, cols, "dequantize_sweep", t, d_bytes, block=[br, bc, nw])
         # for scale: the pure-PyTorch reference on the same input
         t = time_cuda(lambda: nv.quantize(x, "mse"), reps=2, repeats=3)
         record(name, rows, cols, "reference_quantize_torch", t, q_bytes, rule="mse")

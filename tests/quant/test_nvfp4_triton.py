@@ -107,12 +107,17 @@ def _child() -> dict[str, object]:
     inv_step = torch.where(ac < 2, 2.0, torch.where(ac < 4, 1.0, 0.5))
     n = (ac * inv_step + u2).to(torch.int32)
     out["e2m1_stochastic_binade_carry_seen"] = int((n > torch.where(ac < 4, 4, 3)).sum())
-    signs = torch.tensor([1.0, -1.0]).repeat_interleave(8).repeat(8)
-    k7 = torch.arange(8, dtype=torch.int32).repeat(16) + 7
-    codes = torch.empty_like(k7)
-    _probe_sign[(1,)](k7, signs.contiguous(), codes, k7.numel(), BLOCK=128)
-    want = (k7 - 7) + 8 * ((signs < 0) & (k7 > 7)).to(torch.int32)
-    out["signed_codes"] = bool(torch.equal(codes, want))
+    # signed codes packed 8 per int32: every magnitude with both signs in every nibble, and -0.0
+    k = torch.randint(0, 8, (4096, 8), dtype=torch.int32, generator=torch.Generator().manual_seed(4))
+    k[:16] = torch.arange(16).remainder(8)[:, None].to(torch.int32)
+    xs = torch.randn(4096, 8, generator=torch.Generator().manual_seed(5))
+    xs[:8, ::2] = -0.0
+    k[xs == 0] = 0  # a zero input always rounds to magnitude 0
+    words = torch.empty(4096, dtype=torch.int32)
+    _probe_sign[(4096 // 128,)](k, xs, words, BLOCK=128)
+    ref_codes = (k + 8 * ((xs < 0) & (k > 0)).to(torch.int32)).to(torch.uint8)
+    ref_words = nv.pack_e2m1(ref_codes).view(torch.int32).reshape(-1)
+    out["signed_codes"] = bool(torch.equal(words, ref_words))
 
     for i, (name, (rows, cols, kind, dtype, rule, rnd, block)) in enumerate(QUANT_CASES.items()):
         br, bc = block or (None, None)
@@ -235,10 +240,10 @@ if __name__ == "__main__":
         tl.store(rs_ptr + offs, r, mask=m)
 
     @triton.jit
-    def _probe_sign(k7_ptr, x_ptr, code_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < n
-        code = nt._signed_codes(tl.load(k7_ptr + offs, mask=m, other=7), tl.load(x_ptr + offs, mask=m, other=0.0))
-        tl.store(code_ptr + offs, code, mask=m)
+    def _probe_sign(k_ptr, x_ptr, word_ptr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs = rows[:, None] * 8 + tl.arange(0, 8)[None, :]
+        codes = nt._with_sign(tl.load(k_ptr + offs), tl.load(x_ptr + offs))
+        tl.store(word_ptr + rows, nt._clear_negative_zeros(nt._pack_half(codes, BLOCK)))
 
     print(RESULT_TAG + json.dumps(_child()), flush=True)

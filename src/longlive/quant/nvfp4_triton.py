@@ -43,12 +43,11 @@ def _e4m3_round(p):
     rounded = (bits + 0x7FFFF + lsb) & -1048576  # clear the low 20 mantissa bits
     code_normal = (rounded >> 20) - 960  # (biased exp - 120) << 3 | mantissa
     value_normal = rounded.to(tl.float32, bitcast=True)
-    y = p * 512.0  # subnormal E4M3: multiples of 2^-9
-    i = y.to(tl.int32)
-    frac = y - i.to(tl.float32)
-    up = (frac > 0.5) | ((frac == 0.5) & ((i & 1) == 1))
-    i = i + up.to(tl.int32)
-    value_sub = i.to(tl.float32) * 0.001953125
+    # subnormal E4M3 (p < 2^-6): multiples of 2^-9, the float32 spacing just above 2^14, so the
+    # addition rounds to nearest-even (FMA contraction is off at every launch)
+    t = p + 16384.0
+    i = t.to(tl.int32, bitcast=True) - 0x46800000
+    value_sub = t - 16384.0
     normal = p >= 0.015625
     return tl.where(normal, code_normal, i), tl.where(normal, value_normal, value_sub)
 
@@ -170,10 +169,10 @@ def _scale_offsets(row, scol, scale_cols):
 
 
 @triton.jit
-def _e2m1_round(a, OFFSET: tl.constexpr = 0):
+def _e2m1_round(a):
     """Nearest E2M1 step of a = |xs| (float32, finite, >= 0), ties to even, saturating at 6.
 
-    Returns (k + OFFSET int32, k = the code 0..7; the E2M1 magnitude float32). Adding 2^22 / 2^23 /
+    Returns (the code 0..7 int32, the E2M1 magnitude float32). Adding 2^22 / 2^23 /
     2^24 (for a below 2 / 4 / 8, taken from the exponent of max(a, 1)) puts the float32 unit in
     the last place at the E2M1 spacing of the binade (0.5, 1, 2), so the addition itself rounds
     to nearest-even; the difference of the bit patterns counts the steps, and the exponent gives
@@ -185,7 +184,7 @@ def _e2m1_round(a, OFFSET: tl.constexpr = 0):
     magic = (e + (22 << 23)).to(tl.float32, bitcast=True)
     t = a + magic
     # steps = bits(t) - e - (22 << 23); first code of the binade = 2 * (exponent - 127) = (e >> 22) - 254
-    k = t.to(tl.int32, bitcast=True) - e + (e >> 22) + (OFFSET - (22 << 23) - 254)
+    k = t.to(tl.int32, bitcast=True) - e + (e >> 22) + (-(22 << 23) - 254)
     return k, t - magic
 
 
@@ -208,12 +207,20 @@ def _e2m1_round_stochastic(a, u):
 
 
 @triton.jit
-def _signed_codes(k7, x):
-    """E2M1 codes from k7 = magnitude code + 7 and the sign of x (negatives rounded to 0 get code 0).
+def _with_sign(k, x):
+    """Code magnitudes k 0..7 with the sign bit of x in bit 3 (negative zeros are cleared after packing)."""
+    return k | ((x.to(tl.int32, bitcast=True) >> 28) & 8)
 
-    k7 lies in 7..14, so bit 3 of k7 is set exactly when the magnitude code is not 0.
+
+@triton.jit
+def _clear_negative_zeros(word):
+    """Give code 0 (not 8) to every nibble of an int32 whose magnitude is 0, as the reference does.
+
+    A nibble's magnitude m is 0..7, so m + 7 carries into its bit 3 exactly when m > 0 and never
+    into the next nibble.
     """
-    return k7 - 7 + (k7 & (x.to(tl.int32, bitcast=True) >> 28) & 8)
+    nonzero = ((word & 0x77777777) + 0x77777777) & -2004318072  # 0x88888888
+    return word & (nonzero | 0x77777777)
 
 
 @triton.jit
@@ -231,14 +238,13 @@ def _block_scale(bmax, k, dec):
 
 
 @triton.jit
-def _half_round(xh, uh, inv, STOCHASTIC: tl.constexpr, OFFSET: tl.constexpr):
-    """E2M1 magnitudes (code + OFFSET [M, 8] int32, value float32) of one half of each block."""
+def _half_round(xh, uh, inv, STOCHASTIC: tl.constexpr):
+    """E2M1 magnitudes (code [M, 8] int32, value float32) of one half of each block."""
     a = tl.abs(xh * inv[:, None])
     if STOCHASTIC:
         k, r = _e2m1_round_stochastic(a, uh)
-        k = k + OFFSET
     else:
-        k, r = _e2m1_round(a, OFFSET)
+        k, r = _e2m1_round(a)
     return k, r
 
 
@@ -274,10 +280,11 @@ def _half_error(da, db, RULE: tl.constexpr, M: tl.constexpr):
 @triton.jit
 def _pack_half(codes, M: tl.constexpr):
     """Pack codes [M, 8] (0..15) into one int32 per row, low nibble first (bit operations only)."""
+    # the fields are disjoint, so + is |; written as + it compiles to one shift-add per pair
     lo, hi = tl.split(tl.reshape(codes, (M, 4, 2)))
-    lo, hi = tl.split(tl.reshape(lo | (hi << 4), (M, 2, 2)))
-    lo, hi = tl.split(lo | (hi << 8))
-    return lo | (hi << 16)
+    lo, hi = tl.split(tl.reshape(lo + (hi << 4), (M, 2, 2)))
+    lo, hi = tl.split(lo + (hi << 8))
+    return lo + (hi << 16)
 
 
 @triton.jit
@@ -332,22 +339,22 @@ def _quantize_kernel(
     dec = tl.math.div_rn(amax, tl.zeros_like(amax) + E2M1_MAX * E4M3_MAX)
     bmax = tl.maximum(tl.max(tl.abs(xa), axis=1), tl.max(tl.abs(xb), axis=1))
     sb_code, sb, inv = _block_scale(bmax, k, dec)
-    ka, ra = _half_round(xa, ua, inv, STOCHASTIC, 7)
-    kb, rb = _half_round(xb, ub, inv, STOCHASTIC, 7)
+    ka, ra = _half_round(xa, ua, inv, STOCHASTIC)
+    kb, rb = _half_round(xb, ub, inv, STOCHASTIC)
     if RULE != 0:
         k4 = tl.math.div_rn(tl.zeros_like(amax) + E4M3_MAX * E2M1_MAX / 4.0, amax)
         sb_code4, sb4, inv4 = _block_scale(bmax, k4, dec)
-        ka4, ra4 = _half_round(xa, ua, inv4, STOCHASTIC, 7)
-        kb4, rb4 = _half_round(xb, ub, inv4, STOCHASTIC, 7)
+        ka4, ra4 = _half_round(xa, ua, inv4, STOCHASTIC)
+        kb4, rb4 = _half_round(xb, ub, inv4, STOCHASTIC)
         err6 = _half_error(_half_diff(ra, sb, dec, xa), _half_diff(rb, sb, dec, xb), RULE, M)
         err4 = _half_error(_half_diff(ra4, sb4, dec, xa), _half_diff(rb4, sb4, dec, xb), RULE, M)
         pick4 = err4 < err6  # ties keep the max->6 candidate
         ka = tl.where(pick4[:, None], ka4, ka)
         kb = tl.where(pick4[:, None], kb4, kb)
         sb_code = tl.where(pick4, sb_code4, sb_code)
-    ca = _signed_codes(ka, xa)
-    cb = _signed_codes(kb, xb)
-    word = _pack_half(ca, M).to(tl.uint32).to(tl.int64) | (_pack_half(cb, M).to(tl.int64) << 32)
+    wa = _clear_negative_zeros(_pack_half(_with_sign(ka, xa), M))
+    wb = _clear_negative_zeros(_pack_half(_with_sign(kb, xb), M))
+    word = wa.to(tl.uint32).to(tl.int64) | (wb.to(tl.int64) << 32)
     tl.store(words_ptr + r.to(tl.int64) * words_per_row + blk, word)
     tl.store(scales_ptr + _scale_offsets(r, blk, scale_cols), sb_code.to(tl.uint8))
 
@@ -427,6 +434,7 @@ def quantize_triton(
     amax: torch.Tensor | None = None,
     block_rows: int | None = None,
     block_cols: int | None = None,
+    num_warps: int = 4,
 ) -> NVFP4Tensor:
     """NVFP4-quantize a 2-D tensor with 1x16 blocks; bit-identical to ``nvfp4.quantize``.
 
@@ -476,7 +484,7 @@ def quantize_triton(
         x, u, values.view(torch.int64), sf, amax,
         rows, cols, x.stride(0), u.stride(0), pcol // BLOCK_SIZE, pcol // BLOCK_SIZE,
         BLOCK_R=br, BLOCK_C=bc, RULE=_RULE_IDS[rule], STOCHASTIC=round == "stochastic",
-        E2M1_MAX=e2m1_max, E4M3_MAX=e4m3_max,
+        E2M1_MAX=e2m1_max, E4M3_MAX=e4m3_max, num_warps=num_warps,
         **_LAUNCH_OPTIONS,
     )
     return NVFP4Tensor(
@@ -493,6 +501,7 @@ def dequantize_triton(
     dtype: torch.dtype = torch.bfloat16,
     block_rows: int | None = None,
     block_cols: int | None = None,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Dequantize to float32 / bfloat16 / float16 [orig rows, orig cols]; bit-identical to the reference."""
     if dtype not in _OUT_KINDS:
@@ -509,7 +518,7 @@ def dequantize_triton(
     _dequantize_kernel[grid](
         q.values.contiguous().view(torch.int64), q.scale_factors.view(torch.uint8), amax, out_view,
         rows, cols, out.stride(0), pcol // BLOCK_SIZE, pcol // BLOCK_SIZE,
-        BLOCK_R=br, BLOCK_C=bc, OUT_KIND=_OUT_KINDS[dtype], DENOM=e2m1_max * e4m3_max,
+        BLOCK_R=br, BLOCK_C=bc, OUT_KIND=_OUT_KINDS[dtype], DENOM=e2m1_max * e4m3_max, num_warps=num_warps,
         **_LAUNCH_OPTIONS,
     )
     return out
