@@ -304,23 +304,12 @@ def _unpack_half(word, dec, sb, M: tl.constexpr):
 
 
 @triton.jit
-def _quantize_kernel(
-    x_ptr, u_ptr, words_ptr, scales_ptr, amax_ptr,
+def _quantize_tile(
+    x_ptr, u_ptr, words_ptr, scales_ptr, r, blk, k, k4, dec,
     rows, cols, stride_x, stride_u, words_per_row, scale_cols,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, RULE: tl.constexpr, STOCHASTIC: tl.constexpr,
-    E2M1_MAX: tl.constexpr, E4M3_MAX: tl.constexpr,
+    M: tl.constexpr, RULE: tl.constexpr, STOCHASTIC: tl.constexpr,
 ):
-    """One program quantizes a [BLOCK_R, BLOCK_C] tile of the padded tensor (1x16 blocks).
-
-    The tile is held as M = BLOCK_R * BLOCK_C / 16 blocks, each loaded as two halves of 8 so that a
-    block's elements stay in one thread (block max, error sums and nibble packing need no shuffles).
-    The per-tensor factors are computed here from amax with the reference's divisions.
-    """
-    NB: tl.constexpr = BLOCK_C // 16
-    M: tl.constexpr = BLOCK_R * NB
-    i = tl.arange(0, M)
-    r = tl.program_id(0) * BLOCK_R + i // NB
-    blk = tl.program_id(1) * NB + i % NB
+    """Quantize the M blocks (row r, block column blk) with the per-tensor factors k, k4, dec."""
     j = tl.arange(0, 8)
     col = blk[:, None] * 16 + j[None, :]
     row_ok = (r < rows)[:, None]
@@ -334,15 +323,11 @@ def _quantize_kernel(
     else:
         ua = xa
         ub = xb
-    amax = tl.load(amax_ptr)
-    k = tl.math.div_rn(tl.zeros_like(amax) + E4M3_MAX, amax)
-    dec = tl.math.div_rn(amax, tl.zeros_like(amax) + E2M1_MAX * E4M3_MAX)
     bmax = tl.maximum(tl.max(tl.abs(xa), axis=1), tl.max(tl.abs(xb), axis=1))
     sb_code, sb, inv = _block_scale(bmax, k, dec)
     ka, ra = _half_round(xa, ua, inv, STOCHASTIC)
     kb, rb = _half_round(xb, ub, inv, STOCHASTIC)
     if RULE != 0:
-        k4 = tl.math.div_rn(tl.zeros_like(amax) + E4M3_MAX * E2M1_MAX / 4.0, amax)
         sb_code4, sb4, inv4 = _block_scale(bmax, k4, dec)
         ka4, ra4 = _half_round(xa, ua, inv4, STOCHASTIC)
         kb4, rb4 = _half_round(xb, ub, inv4, STOCHASTIC)
@@ -357,6 +342,34 @@ def _quantize_kernel(
     word = wa.to(tl.uint32).to(tl.int64) | (wb.to(tl.int64) << 32)
     tl.store(words_ptr + r.to(tl.int64) * words_per_row + blk, word)
     tl.store(scales_ptr + _scale_offsets(r, blk, scale_cols), sb_code.to(tl.uint8))
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, u_ptr, words_ptr, scales_ptr, amax_ptr,
+    rows, cols, stride_x, stride_u, words_per_row, scale_cols,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr, RULE: tl.constexpr,
+    STOCHASTIC: tl.constexpr, E2M1_MAX: tl.constexpr, E4M3_MAX: tl.constexpr,
+):
+    """One program quantizes TILES tiles of [BLOCK_R, BLOCK_C] (stacked rows) of the padded tensor.
+
+    A tile is held as M = BLOCK_R * BLOCK_C / 16 blocks, each loaded as two halves of 8 so that a
+    block's elements stay in one thread (block max, error sums and nibble packing need no shuffles).
+    The per-tensor factors are computed once per program from amax with the reference's divisions;
+    the unrolled tiles give the scheduler independent work to overlap with the loads.
+    """
+    NB: tl.constexpr = BLOCK_C // 16
+    M: tl.constexpr = BLOCK_R * NB
+    amax = tl.load(amax_ptr)
+    k = tl.math.div_rn(tl.zeros_like(amax) + E4M3_MAX, amax)
+    k4 = tl.math.div_rn(tl.zeros_like(amax) + E4M3_MAX * E2M1_MAX / 4.0, amax)
+    dec = tl.math.div_rn(amax, tl.zeros_like(amax) + E2M1_MAX * E4M3_MAX)
+    i = tl.arange(0, M)
+    blk = tl.program_id(1) * NB + i % NB
+    for t in tl.static_range(TILES):
+        r = (tl.program_id(0) * TILES + t) * BLOCK_R + i // NB
+        _quantize_tile(x_ptr, u_ptr, words_ptr, scales_ptr, r, blk, k, k4, dec,
+                       rows, cols, stride_x, stride_u, words_per_row, scale_cols, M, RULE, STOCHASTIC)
 
 
 @triton.jit
@@ -404,13 +417,13 @@ def _dequantize_kernel(
 # Host wrappers
 
 
-def _block_shape(padded_cols: int, block_rows: int | None, block_cols: int | None) -> tuple[int, int]:
+def _block_shape(padded_cols: int, block_rows: int | None, block_cols: int | None, tiles: int = 1) -> tuple[int, int]:
     bc = block_cols or (128 if padded_cols % 128 == 0 else 64)
     br = block_rows or 16
-    if padded_cols % bc or 128 % br or bc % 16 or bc & (bc - 1) or br & (br - 1):
+    if padded_cols % bc or 128 % (br * tiles) or bc % 16 or bc & (bc - 1) or br & (br - 1):
         raise ValueError(
-            f"block shape ({br}, {bc}) must be powers of two with 128 % rows == 0 and padded cols "
-            f"{padded_cols} % cols == 0"
+            f"block shape ({br}, {bc}) x {tiles} tiles must be powers of two with 128 % (rows * tiles) == 0 "
+            f"and padded cols {padded_cols} % cols == 0"
         )
     return br, bc
 
@@ -435,12 +448,16 @@ def quantize_triton(
     block_rows: int | None = None,
     block_cols: int | None = None,
     num_warps: int = 4,
+    tiles: int | None = None,
 ) -> NVFP4Tensor:
     """NVFP4-quantize a 2-D tensor with 1x16 blocks; bit-identical to ``nvfp4.quantize``.
 
     ``validate`` rejects inf/NaN (and uniforms outside [0, 1)) at the cost of one host sync;
     with ``validate=False`` non-finite inputs give undefined codes. A caller-supplied ``amax``
     (float32, must equal max|x|, else values saturate) skips the reduction pass.
+    ``block_rows`` x ``block_cols`` (a tile), ``tiles`` (tiles per program, stacked along rows;
+    default 4 for static rules and 2 for four-over-six, fewer if 128 rows are exceeded) and
+    ``num_warps`` tune the launch, not the result.
     """
     e2m1_max, e4m3_max = rule_maxima(rule)
     if round not in ("nearest", "stochastic"):
@@ -452,7 +469,9 @@ def quantize_triton(
         x = x.contiguous()
     rows, cols = x.shape
     prow, pcol = padded_shape(rows, cols)
-    br, bc = _block_shape(pcol, block_rows, block_cols)
+    if tiles is None:  # measured best on an H200 (docs/nvfp4.md): 4 for the static rules, 2 for 4/6
+        tiles = max(1, min(4 if _RULE_IDS[rule] == 0 else 2, 128 // (block_rows or 16)))
+    br, bc = _block_shape(pcol, block_rows, block_cols, tiles)
     if amax is None:
         amax = torch.linalg.vector_norm(x.detach(), ord=math.inf).to(torch.float32).reshape(1)
     elif amax.dtype != torch.float32 or amax.numel() != 1 or amax.device != x.device:
@@ -479,11 +498,11 @@ def quantize_triton(
         u = uniform if uniform.stride(-1) == 1 else uniform.contiguous()
     values = torch.empty((prow, pcol // 2), dtype=torch.uint8, device=x.device)
     sf = torch.empty((prow * pcol // BLOCK_SIZE,), dtype=torch.uint8, device=x.device)
-    grid = (prow // br, pcol // bc)
+    grid = (prow // (br * tiles), pcol // bc)
     _quantize_kernel[grid](
         x, u, values.view(torch.int64), sf, amax,
         rows, cols, x.stride(0), u.stride(0), pcol // BLOCK_SIZE, pcol // BLOCK_SIZE,
-        BLOCK_R=br, BLOCK_C=bc, RULE=_RULE_IDS[rule], STOCHASTIC=round == "stochastic",
+        BLOCK_R=br, BLOCK_C=bc, TILES=tiles, RULE=_RULE_IDS[rule], STOCHASTIC=round == "stochastic",
         E2M1_MAX=e2m1_max, E4M3_MAX=e4m3_max, num_warps=num_warps,
         **_LAUNCH_OPTIONS,
     )
