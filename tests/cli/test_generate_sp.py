@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from longlive.cli.main import main
-from longlive.io.video import probe_video
+from longlive.io.video import probe_video, read_video
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -22,7 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world: int, args: list[str], tmp_path: Path) -> None:
+def _launch(world: int, args: list[str], tmp_path: Path) -> list[str]:
     port = _free_port()
     procs = []
     for r in range(world):
@@ -32,6 +32,7 @@ def _launch(world: int, args: list[str], tmp_path: Path) -> None:
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * world, "\n".join(o[-3000:] for o in outs)
+    return outs
 
 
 def _latents(folder: Path) -> dict[str, torch.Tensor]:
@@ -68,6 +69,24 @@ def test_sp2_dp2_spreads_prompts_and_streams_mp4(tmp_path):
     assert list(sp) == list(one) and len(one) == 3
     for name in one:
         torch.testing.assert_close(sp[name], one[name], rtol=1e-5, atol=1e-5)
+
+
+def test_sp2_rows_decode_writes_the_frames_of_writer_decode(tmp_path):
+    """Under SP both ranks decode a band of rows of each chunk (the default); the MP4 holds exactly the
+    frames of the first rank decoding alone (`inference.sp_vae_decode=writer`)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\n")
+    common = ["--config", TINY, "--no-progress", f"data.data_path={prompts}", "data.image_or_video_shape=[1,16,48,4,4]",
+              "model_kwargs.local_attn_size=16", "inference.sink_size=0", "inference.multi_shot_sink=false",
+              "inference.streaming_vae=true", "sp_size=2"]
+    outs = _launch(2, [*common, "--output-folder", str(tmp_path / "rows")], tmp_path)
+    assert "rows decode:" in outs[0], outs[0][-2000:]
+    outs = _launch(2, [*common, "--output-folder", str(tmp_path / "writer"), "inference.sp_vae_decode=writer"], tmp_path)
+    assert "sync decode:" in outs[0], outs[0][-2000:]
+    (rows,), (writer,) = sorted((tmp_path / "rows").glob("*.mp4")), sorted((tmp_path / "writer").glob("*.mp4"))
+    a, b = read_video(rows), read_video(writer)
+    assert a.shape == b.shape == (3, 1 + 4 * 15, 64, 64)
+    assert torch.equal(a, b)
 
 
 def test_sp_size_errors_name_the_fields(tmp_path):

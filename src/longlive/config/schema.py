@@ -134,6 +134,10 @@ class InferenceConfig:
     vae_type: str = _f("wan", choices=("wan", "mg_lightvae", "mg_lightvae_v2", "tiny", "patchify"),
                        doc="patchify: weight-free exact space-to-depth (4x4x4 pixels per latent cell, z_dim 192; demo models)")
     vae_device: Optional[str] = _f(None, doc="dedicated VAE device for streaming decode; None = same device")
+    sp_vae_decode: str = _f("rows", choices=("rows", "writer"),
+                            doc="sequence-parallel inference with streaming_vae (no vae_device): rows = every rank of "
+                                "the group decodes a band of latent rows of each chunk (the bands are gathered on the "
+                                "writer rank); writer = the group's first rank decodes alone")
     use_ema: bool = _f(False)
     output_folder: str = _f("videos/longlive2")
     num_samples: int = _f(1, min=1)

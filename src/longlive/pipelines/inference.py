@@ -215,6 +215,33 @@ class GenerationResult:
     dit_seconds: float
 
 
+def _decodes_by_rows(cfg: Config, sp_size: int) -> bool:
+    """Whether every rank of an SP group of `sp_size` decodes a band of rows ("rows" decode mode).
+
+    It replaces the "sync" and "stream" modes under sequence parallelism (`inference.sp_vae_decode:
+    rows`, the default); a dedicated `vae_device`, whole-video decoding and latents-only runs keep their
+    modes, and a VAE without banded decoding or a latent height that does not split into `sp_size`
+    equal bands falls back to decoding on the writer rank, with a log line saying why.
+    """
+    inf = cfg.inference
+    if sp_size < 2 or inf.sp_vae_decode != "rows" or inf.save_latents_only:
+        return False
+    from .decode import decode_mode
+
+    if decode_mode(inf.streaming_vae, inf.async_vae, inf.vae_device) not in ("sync", "stream"):
+        return False
+    shape = cfg.data.image_or_video_shape
+    height = shape[3] if shape and len(shape) == 5 else None
+    if inf.vae_type == "patchify":  # the Wan2.2 VAE classes decode by bands (WanVAE.split_rows)
+        log.info("inference.sp_vae_decode: rows is not available for vae_type patchify; the writer rank decodes")
+        return False
+    if height is None or height % sp_size:
+        log.info("inference.sp_vae_decode: %s latent rows do not split into %d equal bands; the writer rank decodes",
+                 height, sp_size)
+        return False
+    return True
+
+
 class InferencePipeline:
     """The components of one run and the per-sample generation."""
 
@@ -225,6 +252,11 @@ class InferencePipeline:
         self.options = chunked_options(cfg)
         self.sp = None if parallel is None else parallel.sp
         self.is_writer = parallel is None or parallel.is_writer  # decodes and writes (the first rank of an SP group)
+        self.row_split = None  # set when every rank of the SP group decodes a band of rows ("rows" decode)
+        if vae is not None and self.sp is not None and _decodes_by_rows(cfg, self.sp.size):
+            from ..parallel.vae_decode import RowSplit
+
+            self.row_split = RowSplit(self.sp.group)
 
     @classmethod
     def from_config(cls, cfg: Config, device: torch.device | None = None, dtype: torch.dtype | None = None,
@@ -239,7 +271,8 @@ class InferencePipeline:
             log.info("generator blocks compiled (torch.compile mode=%s); the first chunks include compilation", compile_mode)
         text = build_text_encoder(cfg, generator.config, device, dtype)
         writer = parallel is None or parallel.is_writer
-        needs_vae = cfg.i2v or (writer and not cfg.inference.save_latents_only)
+        rows = parallel is not None and parallel.sp is not None and _decodes_by_rows(cfg, parallel.sp.size)
+        needs_vae = cfg.i2v or ((writer or rows) and not cfg.inference.save_latents_only)
         vae_device = device
         if cfg.inference.streaming_vae and cfg.inference.vae_device and not cfg.i2v:
             vae_device = torch.device(cfg.inference.vae_device)  # the "device" decode mode (background thread)
@@ -296,20 +329,32 @@ class InferencePipeline:
         save_latents = inf.save_latents_only
         path = out_dir / (f"{stem}.pt" if save_latents else f"{stem}.mp4")
         t0 = time.perf_counter()
-        if not self.is_writer:  # another rank of an SP group: its share of every chunk, no files
-            generate_latents(self.generator, noise, prompts, options=self.options, scene_cuts=[sample.scene_cuts],
-                             negative_embeds=neg, image_latent=image_latent, sequence_parallel=self.sp)
+        if not self.is_writer:  # another rank of an SP group: its share of every chunk (and of its rows), no files
+            decoder = None
+            if self.row_split is not None:
+                decoder = make_chunk_decoder(self.vae, None, "rows", row_split=self.row_split)
+            try:
+                generate_latents(self.generator, noise, prompts, options=self.options, scene_cuts=[sample.scene_cuts],
+                                 negative_embeds=neg, image_latent=image_latent, sequence_parallel=self.sp,
+                                 on_chunk=None if decoder is None else decoder.submit)
+                if decoder is not None:
+                    decoder.finish()
+            finally:
+                if decoder is not None:
+                    decoder.close()
             seconds = time.perf_counter() - t0
             return GenerationResult(path, f, 1 + 4 * (f - 1), seconds, seconds)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{stem}.prompts.txt").write_text(
             "".join(f"{idx} {p}\n" for idx, p in prompt_runs(sample.prompts)))
         mode = "latents" if save_latents else decode_mode(inf.streaming_vae, inf.async_vae, inf.vae_device)
+        if self.row_split is not None:
+            mode = "rows"
         writer = decoder = None
         if not save_latents:
             writer = open_video_writer(path, fps=24)
             if mode != "batch":
-                decoder = make_chunk_decoder(self.vae, writer, mode)
+                decoder = make_chunk_decoder(self.vae, writer, mode, row_split=self.row_split)
         bar = tqdm(total=f // n, desc=stem, unit="chunk", disable=not progress)
         frames_out = 0
 
