@@ -89,8 +89,14 @@ def frames_to_host(video: torch.Tensor) -> torch.Tensor:
     float32 operations, so the device does not change the values. Non-finite pixels raise.
     """
     frames, bad = _frames_on_device(video)
-    _check_finite(bad, "decode")
-    return frames.cpu()
+    if frames.device.type != "cuda":
+        _check_finite(bad, "decode")
+        return frames.cpu()
+    # into page-locked memory: a pageable copy of a 704x1280 chunk (86 MB) ran at about 1.4 GB/s
+    host = _pinned_like(frames)
+    host.copy_(frames, non_blocking=True)
+    _check_finite(bad.cpu(), "decode")  # waits for the stream, so the copy above is done too
+    return host
 
 
 class BackgroundWriter:
