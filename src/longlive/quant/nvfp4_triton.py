@@ -118,15 +118,11 @@ def _e2m1_stochastic(xs, u):
 
 @triton.jit
 def _candidate(xb, bmax, k, dec, u, STOCHASTIC: tl.constexpr):
-    """Quantize blocks [R, NB, 16] with block scale bmax*k -> (codes, scale codes, dequantized)."""
-    p = bmax * k
-    p = tl.where(bmax > 0, p, 0.0)
-    p = tl.where(p > 448.0, 448.0, p)
-    sb_code, sb = _e4m3_round(p)
-    scale = sb * dec
-    normal = scale >= 1.1754943508222875e-38  # smallest normal float32
-    safe = tl.where(normal, scale, 1.0)
-    inv = tl.where(normal, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), safe), 0.0)
+    """Quantize blocks [R, NB, 16] with block scale bmax*k -> (codes, scale codes, dequantized).
+
+    The FP4 KV cache's kernels use this 3-D form; the quantize kernel holds blocks as [M, 8] halves.
+    """
+    sb_code, sb, inv = _block_scale(bmax, k, dec)
     xs = xb * inv[:, :, None]
     if STOCHASTIC:
         codes = _e2m1_stochastic(xs, u)
