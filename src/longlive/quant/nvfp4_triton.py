@@ -3,8 +3,10 @@
 They follow the order of operations documented in :mod:`longlive.quant.nvfp4` exactly. To stay
 bit-exact on every backend (GPU and the CPU interpreter) the kernels avoid conversions whose
 rounding differs between them: float32 -> E4M3 and float32 -> bfloat16 are done with integer bit
-operations (round-to-nearest-even), divisions use ``tl.math.div_rn`` and FMA contraction is
-disabled at launch. Only features present in Triton 3.6 are used.
+operations, and E2M1 (and E4M3-subnormal) rounding with one float32 addition of a power of two whose
+unit in the last place is the grid spacing (IEEE round-to-nearest-even does the rounding); divisions
+use ``tl.math.div_rn`` and FMA contraction is disabled at launch, so nothing is fused into those
+additions. Only features present in Triton 3.6 are used. docs/nvfp4.md has the layout and the timings.
 """
 
 from __future__ import annotations
