@@ -13,3 +13,9 @@ def round_bf16(x):
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def bf16_bits(x):
+    """The bfloat16 bit pattern (int16) of `round_bf16(x)`: for stores into a bfloat16 tensor viewed as int16."""
+    return (round_bf16(x).to(tl.int32, bitcast=True) >> 16).to(tl.int16)

@@ -8,7 +8,8 @@ order):
 - a convolution with spatial padding p takes p rows from each neighbouring rank (zeros at the top
   and bottom of the frame) instead of padding its band with zeros (`RowSplit.extend`);
 - the middle attention block (global over each frame's pixels) gathers the whole frame;
-- the pixel bands are gathered into whole frames at the end (`RowSplit.gather`).
+- the pixel bands are gathered into whole frames on the group's first rank at the end
+  (`RowSplit.gather_to_first`).
 Everything else (norms, activations, nearest up-sampling, channel-to-space shortcuts, the causal
 time caches) is per pixel or per row.
 `WanVAE.split_rows(split)` switches a VAE to this mode; `RowParallelChunkDecoder`
@@ -76,4 +77,12 @@ class RowSplit:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim=-2)
+
+    def gather_to_first(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole frames on the group's first rank (the writer), None on the others: the decoded pixels
+        are needed in one place only, so the other ranks do not hold a copy of every frame."""
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.index == 0 else None
+        dist.gather(x, parts, dst=self.ranks[0], group=self.group)
+        return None if parts is None else torch.cat(parts, dim=-2)
 

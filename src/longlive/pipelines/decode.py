@@ -328,19 +328,23 @@ class SyncChunkDecoder(ChunkDecoder):
 
 class RowParallelChunkDecoder(SyncChunkDecoder):
     """Every rank of a process group decodes a band of rows of each chunk (`WanVAE.split_rows`,
-    `longlive.parallel.vae_decode`); the bands are gathered into whole frames, which the rank holding the
-    sink appends. All ranks call `submit` with the whole latent chunk, in the same order; ranks without
-    a sink pass `sink=None`. Synchronous, like "sync"."""
+    `longlive.parallel.vae_decode`); the bands are gathered into whole frames on the group's first rank,
+    which holds the sink and appends them (the other ranks pass `sink=None`). All ranks call `submit`
+    with the whole latent chunk, in the same order. Synchronous, like "sync"."""
 
     mode = "rows"
 
     def __init__(self, vae: Any, sink: ChunkDecodeSink | None, split: Any) -> None:
+        if (sink is not None) != (split.index == 0):
+            raise ValueError(f"rows VAE decoder: the group's first rank holds the sink and no other does; rank "
+                             f"{split.index} of {split.size} was given {'a' if sink is not None else 'no'} sink")
         self.split = split
         super().__init__(vae.split_rows(split), sink)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         band = self._decoder.decode_chunk(latents[..., self.split.rows(latents.shape[-2]), :])
-        return self.split.gather(band)
+        whole = self.split.gather_to_first(band)
+        return band if whole is None else whole  # only the first rank (the writer) holds whole frames
 
 
 @dataclass

@@ -20,13 +20,12 @@ import triton.language as tl
 
 from longlive.quant.nvfp4 import (
     BLOCK_SIZE,
-    FOUR_OVER_SIX_RULES,
     NVFP4Tensor,
     check_finite,
     padded_shape,
     rule_maxima,
-    tensor_scales,
 )
+from longlive.triton_helpers import bf16_bits as _bf16_bits
 
 _RULE_IDS = {"static_6": 0, "static_4": 0, "mse": 1, "mae": 2, "abs_max": 3}
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -66,56 +65,14 @@ def _e4m3_value(code):
 
 @triton.jit
 def _e2m1_value(code):
-    """Decode E2M1 codes (int32 0..15) to float32 (code 8 is -0.0)."""
-    k = code & 7
-    e = k >> 1
-    m = k & 1
-    normal = ((e + 126) << 23) | (m << 22)
-    value = tl.where(e == 0, m.to(tl.float32) * 0.5, normal.to(tl.float32, bitcast=True))
-    return tl.where((code & 8) != 0, -value, value)
+    """Decode E2M1 codes (int32 0..15) to float32 (code 8 is -0.0).
 
-
-@triton.jit
-def _bf16_bits(x):
-    """bfloat16 bit pattern (int16) of finite float32 x, round-to-nearest-even by bit arithmetic."""
-    bits = x.to(tl.int32, bitcast=True)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
-    return rounded.to(tl.int16)
-
-
-@triton.jit
-def _e2m1_nearest(xs):
-    """Nearest E2M1 code (ties to even, saturating at 6); -0 and rounded-to-zero negatives -> 0."""
-    a = tl.abs(xs)
-    k = (a > 0.25).to(tl.int32)
-    k += (a >= 0.75).to(tl.int32)
-    k += (a > 1.25).to(tl.int32)
-    k += (a >= 1.75).to(tl.int32)
-    k += (a > 2.5).to(tl.int32)
-    k += (a >= 3.5).to(tl.int32)
-    k += (a > 5.0).to(tl.int32)
-    negative = (xs < 0) & (k > 0)
-    return k + negative.to(tl.int32) * 8
-
-
-@triton.jit
-def _e2m1_stochastic(xs, u):
-    """Stochastic E2M1 code: floor(|xs|/step + u) * step, saturating at 6 (see the reference)."""
-    a = tl.abs(xs)
-    a = tl.where(a > 6.0, 6.0, a)
-    inv_step = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))
-    step = tl.where(a < 2.0, 0.5, tl.where(a < 4.0, 1.0, 2.0))
-    v = a * inv_step + u
-    m = v.to(tl.int32).to(tl.float32) * step
-    k = (m >= 0.5).to(tl.int32)
-    k += (m >= 1.0).to(tl.int32)
-    k += (m >= 1.5).to(tl.int32)
-    k += (m >= 2.0).to(tl.int32)
-    k += (m >= 3.0).to(tl.int32)
-    k += (m >= 4.0).to(tl.int32)
-    k += (m >= 6.0).to(tl.int32)
-    negative = (xs < 0) & (k > 0)
-    return k + negative.to(tl.int32) * 8
+    The code's sign, exponent and mantissa fields placed in a float32 (bits 31, 23-22) give the value
+    times 2^-126 (the E2M1 subnormals 0 and 0.5 land on float32 subnormals), so one exact product by
+    2^126 decodes it.
+    """
+    bits = ((code & 7) << 22) | ((code & 8) << 28)
+    return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37
 
 
 @triton.jit
@@ -127,9 +84,10 @@ def _candidate(xb, bmax, k, dec, u, STOCHASTIC: tl.constexpr):
     sb_code, sb, inv = _block_scale(bmax, k, dec)
     xs = xb * inv[:, :, None]
     if STOCHASTIC:
-        codes = _e2m1_stochastic(xs, u)
+        m, _ = _e2m1_round_stochastic(tl.abs(xs), u)
     else:
-        codes = _e2m1_nearest(xs)
+        m, _ = _e2m1_round(tl.abs(xs))
+    codes = tl.where(m == 0, 0, _with_sign(m, xs))  # negatives rounded to 0 get code 0
     deq = (_e2m1_value(codes) * sb[:, :, None]) * dec
     return codes, sb_code, deq
 
@@ -290,11 +248,7 @@ def _unpack_half(word, dec, sb, M: tl.constexpr):
     """Dequantize 8 codes packed in an int32 per row: (value * block scale) * decode, float32 [M, 8]."""
     shift = tl.arange(0, 8) * 4
     code = (word[:, None] >> shift[None, :]) & 15
-    # E2M1 code -> float32 bits with the same exponent/mantissa fields, then times 2^126 (exact; the
-    # E2M1 subnormals 0 and 0.5 come out of float32 subnormals)
-    bits = ((code & 7) << 22) | ((code & 8) << 28)
-    value = bits.to(tl.float32, bitcast=True) * 8.507059173023462e37
-    return (value * sb[:, None]) * dec
+    return (_e2m1_value(code) * sb[:, None]) * dec
 
 
 # --------------------------------------------------------------------------------------------------
