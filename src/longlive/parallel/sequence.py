@@ -196,6 +196,26 @@ class UlyssesGroup:
         q, k, v = qkv_to_sequence(q, k, v, self.group, self.size)
         return sequence_to_heads(cache.attend(layer, q, k, v), self.group, self.size)
 
+    @torch.compiler.disable
+    def attend_projections(self, cache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           wq: torch.Tensor | None, wk: torch.Tensor | None, eps: float, cos: torch.Tensor,
+                           sin: torch.Tensor, need_output: bool = True) -> torch.Tensor | None:
+        """`attend` from the raw projections `q, k, v [B, S/sp, H*D]` (BF16 cache): q/k norm, RoPE and the
+        all-to-all's send buffer are one kernel (`fused.norm_rope_pack`) instead of norm and RoPE ops, a stack
+        and a permuting copy. With `need_output=False` (a refresh's last layer) only the cache is written
+        and None is returned."""
+        from longlive.models.wan.fused import norm_rope_pack
+
+        b, s, hd = q.shape
+        d = 2 * cos.shape[-1]
+        send = norm_rope_pack(q, k, v, wq, wk, eps, cos, sin, d, self.size)  # [sp (head owner), B, S/sp, 3, H/sp, D]
+        recv = _AllToAll.apply(send, self.group)  # [sp (token owner), B, S/sp, 3, H/sp, D]
+        q, k, v = recv.transpose(0, 1).reshape(b, self.size * s, 3, hd // d // self.size, d).unbind(2)
+        if not need_output:
+            cache.update(layer, k, v)
+            return None
+        return sequence_to_heads(cache.attend(layer, q, k, v), self.group, self.size)
+
     def _attend_fp4(self, cache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, s, h, d = q.shape
         sp = self.size

@@ -24,6 +24,7 @@ KERNEL_CASES = {
     "h3_d32_norm": (3, 32, True, True, True),  # 96 channels: a masked, non-power-of-two row
     "h2_d32_no_norm": (2, 32, False, False, True),
     "h2_d64_cache_only": (2, 64, True, False, False),
+    "h4_d32_norm": (4, 32, True, True, True),  # packed for sequence parallelism in 2 groups of 2 heads
 }
 
 
@@ -35,9 +36,14 @@ def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((ia - ib).abs().max())
 
 
+def _pack_parts(heads: int) -> int:
+    """Head groups of the send-buffer check: 1 head per group (3 heads), all in one (2), 2 groups of 2 (4)."""
+    return {2: 1, 3: 3, 4: 2}[heads]
+
+
 def _kernel_case(heads: int, head_dim: int, norm: bool, per_sample_rope: bool, rotate_q: bool,
                  device: str = "cpu") -> dict:
-    from longlive.models.wan.fused import norm_rope_store
+    from longlive.models.wan.fused import norm_rope_pack, norm_rope_store
 
     g = torch.Generator().manual_seed(heads * 100 + head_dim)
     cfg = WanConfig(dim=heads * head_dim, ffn_dim=64, freq_dim=32, text_dim=32, num_heads=heads, num_layers=1,
@@ -59,7 +65,17 @@ def _kernel_case(heads: int, head_dim: int, norm: bool, per_sample_rope: bool, r
     ref_q = apply_rope((nq(q) if norm else q).reshape(shape), cos, sin)
     ref_k = apply_rope((nk(k) if norm else k).reshape(shape), cos, sin).transpose(1, 2)
     outside = torch.cat([cache_k[:, :, :s], cache_k[:, :, 2 * s :], cache_v[:, :, :s], cache_v[:, :, 2 * s :]], dim=2)
+    # the sequence-parallel send buffer [parts, B, S, 3, H/parts, D]: the same values, packed by head group
+    parts = _pack_parts(heads)
+    send = norm_rope_pack(q, k, v, nq.weight if norm else None, nk.weight if norm else None, cfg.eps, cos, sin,
+                          head_dim, parts)
+    q_rot = norm_rope_store(q, k, v, nq.weight if norm else None, nk.weight if norm else None, cfg.eps, cos, sin,
+                            cache_k[:, :, s : 2 * s], cache_v[:, :, s : 2 * s])
+    packed = torch.stack([q_rot, cache_k[:, :, s : 2 * s].transpose(1, 2), v.reshape(shape)], dim=2)
+    packed = packed.view(b, s, 3, parts, heads // parts, head_dim).permute(3, 0, 1, 2, 4, 5)
     return {
+        "pack_shape": list(send.shape),
+        "pack_equal": bool(torch.equal(send, packed)),
         "q_none": out is None,
         "q_ulps": _bf16_ulps(out, ref_q) if out is not None else None,
         "q_equal_fraction": float((out == ref_q).float().mean()) if out is not None else None,
@@ -138,6 +154,9 @@ def test_kernel_matches_the_pytorch_norm_and_rope(interpreter_results: dict, cas
         assert r["q_equal_fraction"] > 0.99, r
     assert r["k_ulps"] <= 1, r
     assert r["v_exact"] and r["outside_untouched"], r
+    heads, head_dim = KERNEL_CASES[case][:2]
+    parts = _pack_parts(heads)
+    assert r["pack_shape"] == [parts, 2, 12, 3, heads // parts, head_dim] and r["pack_equal"], r
 
 
 def test_model_with_the_fused_kernel_matches_the_pytorch_path(interpreter_results: dict) -> None:
@@ -217,6 +236,7 @@ def test_fused_kernel_on_cuda_at_the_5b_head_layout() -> None:
         k = _kernel_case(*case, device="cuda")
         assert k["k_ulps"] <= 1 and k["v_exact"] and k["outside_untouched"], (name, k)
         assert k["q_none"] or k["q_ulps"] <= 1, (name, k)
+        assert k["pack_equal"], (name, k)
 
 
 if __name__ == "__main__":

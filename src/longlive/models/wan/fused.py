@@ -66,15 +66,15 @@ if triton is not None:
 
     @triton.jit
     def _norm_rope_store_kernel(
-        q_ptr, k_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr,
+        q_ptr, k_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr,
         S, eps,
         sqb, sqs, skb, sks, svb, svs,  # projections [B, S, H*D], last stride 1
         scb, scs,  # rope tables [B or 1, S, 1, D/2], last stride 1
-        sob, sos,  # rotated q [B, S, H*D]
-        skcb, skch, skcs,  # cache slot views [B, H, S, D], last stride 1
-        svcb, svch, svcs,
+        sob, sos, sog,  # outputs: element (b, s, i = h*D + d) goes to b*sb + s*ss + (i // G)*sg + i % G
+        skob, skos, skog,
+        svob, svos, svog,
         ROPE_BATCH: tl.constexpr, HD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr,
-        HAS_Q: tl.constexpr,
+        HAS_Q: tl.constexpr, QG: tl.constexpr, KG: tl.constexpr,
     ):
         pid = tl.program_id(0)
         b = pid // S
@@ -85,16 +85,51 @@ if triton is not None:
         p = tl.arange(0, BLOCK // 2)[None, :]  # pair index; j = pair within its head
         pair = p < HD // 2
         j = p % (D // 2)
-        head, d = offs // D, offs % D
         if HAS_Q:
             q = _norm_rope(q_ptr, wq_ptr, cos_ptr, sin_ptr, b * sqb + s * sqs, b_rope, s, offs, mask, pair, j, eps,
                            scb, scs, HD, NORM)
-            tl.store(qo_ptr + b * sob + s * sos + offs, q.to(tl.bfloat16), mask=mask)
+            tl.store(qo_ptr + b * sob + s * sos + (offs // QG) * sog + offs % QG, q.to(tl.bfloat16), mask=mask)
         k = _norm_rope(k_ptr, wk_ptr, cos_ptr, sin_ptr, b * skb + s * sks, b_rope, s, offs, mask, pair, j, eps,
                        scb, scs, HD, NORM)
-        tl.store(kc_ptr + b * skcb + head * skch + s * skcs + d, k.to(tl.bfloat16), mask=mask)
+        tl.store(ko_ptr + b * skob + s * skos + (offs // KG) * skog + offs % KG, k.to(tl.bfloat16), mask=mask)
         v = tl.load(v_ptr + b * svb + s * svs + offs, mask=mask, other=0.0)
-        tl.store(vc_ptr + b * svcb + head * svch + s * svcs + d, v, mask=mask)
+        tl.store(vo_ptr + b * svob + s * svos + (offs // KG) * svog + offs % KG, v, mask=mask)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor | None, wk: torch.Tensor | None,
+                  cos: torch.Tensor, sin: torch.Tensor, d: int, where: str) -> None:
+    if triton is None:
+        raise RuntimeError(f"{where} needs the triton package")
+    b, s, hd = q.shape
+    if k.shape != q.shape or v.shape != q.shape or hd % d:
+        raise ValueError(f"{where}: q/k/v {tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} must be equal "
+                         f"[B, S, H*D] with head_dim {d}")
+    if any(t.dtype != torch.bfloat16 for t in (q, k, v)):
+        raise ValueError(f"{where}: q, k and v must be bfloat16")
+    if cos.dtype != torch.float32 or sin.shape != cos.shape or cos.shape[1:] != (s, 1, d // 2) or cos.shape[0] not in (1, b):
+        raise ValueError(f"{where}: cos/sin {tuple(cos.shape)} {cos.dtype} do not fit {s} tokens of head_dim {d}")
+    if (wq is None) != (wk is None):
+        raise ValueError(f"{where}: give both norm weights or neither")
+    if any(t.stride(-1) != 1 for t in (q, k, v, cos, sin)):
+        raise ValueError(f"{where}: every tensor's last dimension must be contiguous")
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor | None, wk: torch.Tensor | None,
+            eps: float, cos: torch.Tensor, sin: torch.Tensor, d: int, has_q: bool,
+            q_out: tuple, k_out: tuple, v_out: tuple, q_group: int, kv_group: int) -> None:
+    """One program per token. Each output is `(tensor, stride_b, stride_s, stride_group)`: element
+    `i = h*D + d` of token (b, s) is stored at `b*stride_b + s*stride_s + (i // group)*stride_group + i % group`."""
+    b, s, hd = q.shape
+    norm = wq is not None
+    wq_, wk_ = (wq, wk) if norm else (q, k)  # unused pointers without the norm
+    block = triton.next_power_of_2(hd)
+    _norm_rope_store_kernel[(b * s,)](
+        q, k, v, wq_, wk_, cos, sin, q_out[0], k_out[0], v_out[0], s, float(eps),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), cos.stride(1), *q_out[1:], *k_out[1:], *v_out[1:],
+        ROPE_BATCH=cos.shape[0] > 1, HD=hd, D=d, BLOCK=block, NORM=norm, HAS_Q=has_q, QG=q_group, KG=kv_group,
+        num_warps=8 if block >= 2048 else 4, enable_fp_fusion=False,
+    )
 
 
 def norm_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor | None,
@@ -106,37 +141,40 @@ def norm_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, wq
     `q, k, v [B, S, H*D]` bf16 (rows may be strided, elements contiguous); `wq, wk [H*D]` the RMS norm
     weights, or both None without q/k norm; `cos, sin [B or 1, S, 1, D/2]` fp32 from `rope_cos_sin`.
     """
-    if triton is None:
-        raise RuntimeError("norm_rope_store needs the triton package")
     has_q = q is not None
     q = k if q is None else q
     b, s, hd = q.shape
     _, h, _, d = k_dst.shape
-    if h * d != hd or k.shape != q.shape or v.shape != q.shape or k_dst.shape != (b, h, s, d) or v_dst.shape != k_dst.shape:
-        raise ValueError(f"norm_rope_store: q/k/v {tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} do not fit the "
-                         f"cache views {tuple(k_dst.shape)}/{tuple(v_dst.shape)}")
-    if any(t.dtype != torch.bfloat16 for t in (q, k, v, k_dst, v_dst)):
-        raise ValueError("norm_rope_store: q, k, v and the cache must be bfloat16")
-    if cos.dtype != torch.float32 or sin.shape != cos.shape or cos.shape[1:] != (s, 1, d // 2) or cos.shape[0] not in (1, b):
-        raise ValueError(f"norm_rope_store: cos/sin {tuple(cos.shape)} {cos.dtype} do not fit {s} tokens of head_dim {d}")
-    if (wq is None) != (wk is None):
-        raise ValueError("norm_rope_store: give both norm weights or neither")
-    tensors = (q, k, v, k_dst, v_dst, cos, sin)
-    if any(t.stride(-1) != 1 for t in tensors):
-        raise ValueError("norm_rope_store: every tensor's last dimension must be contiguous")
+    _check_inputs(q, k, v, wq, wk, cos, sin, d, "norm_rope_store")
+    if h * d != hd or k_dst.shape != (b, h, s, d) or v_dst.shape != k_dst.shape:
+        raise ValueError(f"norm_rope_store: q/k/v {tuple(q.shape)} do not fit the cache views "
+                         f"{tuple(k_dst.shape)}/{tuple(v_dst.shape)}")
+    if k_dst.dtype != torch.bfloat16 or v_dst.dtype != torch.bfloat16 or k_dst.stride(-1) != 1 or v_dst.stride(-1) != 1:
+        raise ValueError("norm_rope_store: the cache views must be bfloat16 with a contiguous last dimension")
     q_out = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device) if has_q else k_dst
-    norm = wq is not None
-    wq_, wk_ = (wq, wk) if norm else (q, k)  # unused pointers without the norm
-    block = triton.next_power_of_2(hd)
-    _norm_rope_store_kernel[(b * s,)](
-        q, k, v, wq_, wk_, cos, sin, q_out, k_dst, v_dst, s, float(eps),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cos.stride(0), cos.stride(1), q_out.stride(0), q_out.stride(1),
-        k_dst.stride(0), k_dst.stride(1), k_dst.stride(2), v_dst.stride(0), v_dst.stride(1), v_dst.stride(2),
-        ROPE_BATCH=cos.shape[0] > 1, HD=hd, D=d, BLOCK=block, NORM=norm, HAS_Q=has_q,
-        num_warps=8 if block >= 2048 else 4, enable_fp_fusion=False,
-    )
+    _launch(q, k, v, wq, wk, eps, cos, sin, d, has_q,
+            (q_out, q_out.stride(0), q_out.stride(1), 0),
+            (k_dst, k_dst.stride(0), k_dst.stride(2), k_dst.stride(1)),
+            (v_dst, v_dst.stride(0), v_dst.stride(2), v_dst.stride(1)), q_group=hd, kv_group=d)
     return q_out if has_q else None
+
+
+def norm_rope_pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor | None,
+                   wk: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
+                   parts: int) -> torch.Tensor:
+    """Norm + RoPE of q and k, packed with v for a sequence-parallel all-to-all: returns
+    `[parts, B, S, 3, H/parts, D]`, block p holding heads `[p*H/parts, (p+1)*H/parts)` of q, k, v (the
+    send buffer of `parallel.sequence.qkv_to_sequence`, written in one pass instead of norm, RoPE,
+    stack and a permuting copy). Inputs as for `norm_rope_store`."""
+    _check_inputs(q, k, v, wq, wk, cos, sin, head_dim, "norm_rope_pack")
+    b, s, hd = q.shape
+    h = hd // head_dim
+    if h % parts:
+        raise ValueError(f"norm_rope_pack: {parts} parts do not divide the {h} heads")
+    send = torch.empty(parts, b, s, 3, h // parts, head_dim, dtype=q.dtype, device=q.device)
+    outs = [(t, t.stride(1), t.stride(2), t.stride(0)) for t in send.unbind(3)]
+    _launch(q, k, v, wq, wk, eps, cos, sin, head_dim, True, *outs, q_group=hd // parts, kv_group=hd // parts)
+    return send
 
 
 @torch.compiler.disable  # slot views and a Triton launch: one opaque step inside a compiled block

@@ -101,8 +101,13 @@ class SelfAttention(_Projections):
         b, s, _ = x.shape
         if plan.fused:
             w = [n.weight if isinstance(n, RMSNorm) else None for n in (self.norm_q, self.norm_k)]
-            out = cached_self_attention(plan.cache, layer, self.q(x) if need_output else None, self.k(x), self.v(x),
-                                        w[0], w[1], getattr(self.norm_q, "eps", 0.0), plan.cos, plan.sin, need_output)
+            eps = getattr(self.norm_q, "eps", 0.0)
+            if plan.sp is not None:  # the kernel packs q, k, v for the all-to-all (q is sent in any case)
+                out = plan.sp.attend_projections(plan.cache, layer, self.q(x), self.k(x), self.v(x), w[0], w[1], eps,
+                                                 plan.cos, plan.sin, need_output)
+            else:
+                out = cached_self_attention(plan.cache, layer, self.q(x) if need_output else None, self.k(x),
+                                            self.v(x), w[0], w[1], eps, plan.cos, plan.sin, need_output)
             return None if out is None else self.o(out.flatten(2))
         if not need_output and plan.sp is None and isinstance(plan.cache, KVCache) and plan.cache.fp4 is None:
             k = apply_rope(self.norm_k(self.k(x)).view(b, s, self.num_heads, -1), plan.cos, plan.sin)
@@ -393,9 +398,8 @@ class WanModel(nn.Module):
             grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
             cache = kv_cache.grad_window() if grad else kv_cache
             plan = _Plan(cos, sin, cache=cache, groups=prompts)
-            plan.fused = (self.fused_kernels and not grad and (sequence_parallel is None or sequence_parallel.size == 1)
-                          and kv_cache.shared_slot() and kv_cache.k.dtype == tokens.dtype == torch.bfloat16
-                          and fused_available(x.device))
+            plan.fused = (self.fused_kernels and not grad and kv_cache.shared_slot()
+                          and kv_cache.k.dtype == tokens.dtype == torch.bfloat16 and fused_available(x.device))
             if sequence_parallel is not None and sequence_parallel.size > 1:
                 if grad:
                     raise ValueError("sequence-parallel cached inference has no backward; run it under torch.no_grad()")
