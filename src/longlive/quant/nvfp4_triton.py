@@ -256,18 +256,14 @@ def _unpack_half(word, dec, sb, M: tl.constexpr):
 
 
 @triton.jit
-def _quantize_tile(
-    x_ptr, u_ptr, words_ptr, scales_ptr, r, blk, k, k4, dec,
-    rows, cols, stride_x, stride_u, words_per_row, scale_cols,
-    M: tl.constexpr, RULE: tl.constexpr, STOCHASTIC: tl.constexpr,
-):
-    """Quantize the M blocks (row r, block column blk) with the per-tensor factors k, k4, dec."""
+def _load_tile(x_ptr, u_ptr, r, blk, rows, cols, stride_x, stride_u, STOCHASTIC: tl.constexpr):
+    """The M blocks (row r, block column blk) as two [M, 8] halves in the input dtype, and their uniforms."""
     j = tl.arange(0, 8)
     col = blk[:, None] * 16 + j[None, :]
     row_ok = (r < rows)[:, None]
     xrow = x_ptr + r.to(tl.int64) * stride_x
-    xa = tl.load(xrow[:, None] + col, mask=row_ok & (col < cols), other=0.0).to(tl.float32)
-    xb = tl.load(xrow[:, None] + col + 8, mask=row_ok & (col + 8 < cols), other=0.0).to(tl.float32)
+    xa = tl.load(xrow[:, None] + col, mask=row_ok & (col < cols), other=0.0)
+    xb = tl.load(xrow[:, None] + col + 8, mask=row_ok & (col + 8 < cols), other=0.0)
     if STOCHASTIC:
         urow = u_ptr + r.to(tl.int64) * stride_u
         ua = tl.load(urow[:, None] + col, mask=row_ok & (col < cols), other=0.0)
@@ -275,6 +271,18 @@ def _quantize_tile(
     else:
         ua = xa
         ub = xb
+    return xa, xb, ua, ub
+
+
+@triton.jit
+def _quantize_tile(
+    xa, xb, ua, ub, words_ptr, scales_ptr, r, blk, k, k4, dec, words_per_row, scale_cols,
+    M: tl.constexpr, RULE: tl.constexpr, STOCHASTIC: tl.constexpr,
+):
+    """Quantize the M blocks (row r, block column blk), loaded by `_load_tile`, with the per-tensor
+    factors k, k4, dec."""
+    xa = xa.to(tl.float32)
+    xb = xb.to(tl.float32)
     bmax = tl.maximum(tl.max(tl.abs(xa), axis=1), tl.max(tl.abs(xb), axis=1))
     sb_code, sb, inv = _block_scale(bmax, k, dec)
     ka, ra = _half_round(xa, ua, inv, STOCHASTIC)
@@ -301,7 +309,7 @@ def _quantize_kernel(
     x_ptr, u_ptr, words_ptr, scales_ptr, amax_ptr,
     rows, cols, stride_x, stride_u, words_per_row, scale_cols,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr, RULE: tl.constexpr,
-    STOCHASTIC: tl.constexpr, E2M1_MAX: tl.constexpr, E4M3_MAX: tl.constexpr,
+    STOCHASTIC: tl.constexpr, E2M1_MAX: tl.constexpr, E4M3_MAX: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One program quantizes TILES tiles of [BLOCK_R, BLOCK_C] (stacked rows) of the padded tensor.
 
@@ -318,10 +326,19 @@ def _quantize_kernel(
     dec = tl.math.div_rn(amax, tl.zeros_like(amax) + E2M1_MAX * E4M3_MAX)
     i = tl.arange(0, M)
     blk = tl.program_id(1) * NB + i % NB
+    r = tl.program_id(0) * TILES * BLOCK_R + i // NB
+    xa, xb, ua, ub = _load_tile(x_ptr, u_ptr, r, blk, rows, cols, stride_x, stride_u, STOCHASTIC)
     for t in tl.static_range(TILES):
-        r = (tl.program_id(0) * TILES + t) * BLOCK_R + i // NB
-        _quantize_tile(x_ptr, u_ptr, words_ptr, scales_ptr, r, blk, k, k4, dec,
-                       rows, cols, stride_x, stride_u, words_per_row, scale_cols, M, RULE, STOCHASTIC)
+        if PREFETCH and t + 1 < TILES:  # the next tile's loads go out before this tile's arithmetic
+            na, nb, nua, nub = _load_tile(x_ptr, u_ptr, r + BLOCK_R, blk, rows, cols, stride_x, stride_u, STOCHASTIC)
+        _quantize_tile(xa, xb, ua, ub, words_ptr, scales_ptr, r, blk, k, k4, dec, words_per_row, scale_cols,
+                       M, RULE, STOCHASTIC)
+        if t + 1 < TILES:
+            r += BLOCK_R
+            if PREFETCH:
+                xa, xb, ua, ub = na, nb, nua, nub
+            else:
+                xa, xb, ua, ub = _load_tile(x_ptr, u_ptr, r, blk, rows, cols, stride_x, stride_u, STOCHASTIC)
 
 
 @triton.jit
@@ -369,6 +386,16 @@ def _dequantize_kernel(
 # Host wrappers
 
 
+# (four over six, stochastic) -> (tiles per program, warps, prefetch): the best of a sweep on an H200
+# (tiles 1-8 x warps 4/8 x prefetch, three 5B shapes; docs/nvfp4.md)
+_LAUNCH_DEFAULTS = {
+    (False, False): (4, 4, True),
+    (False, True): (2, 4, True),
+    (True, False): (2, 4, False),
+    (True, True): (8, 8, True),
+}
+
+
 def _block_shape(padded_cols: int, block_rows: int | None, block_cols: int | None, tiles: int = 1) -> tuple[int, int]:
     bc = block_cols or (128 if padded_cols % 128 == 0 else 64)
     br = block_rows or 16
@@ -399,8 +426,9 @@ def quantize_triton(
     amax: torch.Tensor | None = None,
     block_rows: int | None = None,
     block_cols: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     tiles: int | None = None,
+    prefetch: bool | None = None,
 ) -> NVFP4Tensor:
     """NVFP4-quantize a 2-D tensor with 1x16 blocks; bit-identical to ``nvfp4.quantize``.
 
@@ -408,8 +436,9 @@ def quantize_triton(
     with ``validate=False`` non-finite inputs give undefined codes. A caller-supplied ``amax``
     (float32, must equal max|x|, else values saturate) skips the reduction pass.
     ``block_rows`` x ``block_cols`` (a tile), ``tiles`` (tiles per program, stacked along rows;
-    default 4 for static rules and 2 for four-over-six, fewer if 128 rows are exceeded) and
-    ``num_warps`` tune the launch, not the result.
+    fewer than the default if 128 rows are exceeded), ``num_warps`` and ``prefetch`` (load the next
+    tile before this one's arithmetic) tune the launch, not the result; the defaults
+    (`_LAUNCH_DEFAULTS`) are the best measured per rule kind and rounding.
     """
     e2m1_max, e4m3_max = rule_maxima(rule)
     if round not in ("nearest", "stochastic"):
@@ -421,8 +450,11 @@ def quantize_triton(
         x = x.contiguous()
     rows, cols = x.shape
     prow, pcol = padded_shape(rows, cols)
-    if tiles is None:  # measured best on an H200 (docs/nvfp4.md): 4 for the static rules, 2 for 4/6
-        tiles = max(1, min(4 if _RULE_IDS[rule] == 0 else 2, 128 // (block_rows or 16)))
+    d_tiles, d_warps, d_prefetch = _LAUNCH_DEFAULTS[_RULE_IDS[rule] != 0, round == "stochastic"]
+    if tiles is None:
+        tiles = max(1, min(d_tiles, 128 // (block_rows or 16)))
+    num_warps = d_warps if num_warps is None else num_warps
+    prefetch = d_prefetch if prefetch is None else prefetch
     br, bc = _block_shape(pcol, block_rows, block_cols, tiles)
     if amax is None:
         amax = torch.linalg.vector_norm(x.detach(), ord=math.inf).to(torch.float32).reshape(1)
@@ -455,7 +487,7 @@ def quantize_triton(
         x, u, values.view(torch.int64), sf, amax,
         rows, cols, x.stride(0), u.stride(0), pcol // BLOCK_SIZE, pcol // BLOCK_SIZE,
         BLOCK_R=br, BLOCK_C=bc, TILES=tiles, RULE=_RULE_IDS[rule], STOCHASTIC=round == "stochastic",
-        E2M1_MAX=e2m1_max, E4M3_MAX=e4m3_max, num_warps=num_warps,
+        E2M1_MAX=e2m1_max, E4M3_MAX=e4m3_max, PREFETCH=prefetch, num_warps=num_warps,
         **_LAUNCH_OPTIONS,
     )
     return NVFP4Tensor(
