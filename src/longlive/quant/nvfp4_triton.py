@@ -316,7 +316,8 @@ def _quantize_kernel(
     A tile is held as M = BLOCK_R * BLOCK_C / 16 blocks, each loaded as two halves of 8 so that a
     block's elements stay in one thread (block max, error sums and nibble packing need no shuffles).
     The per-tensor factors are computed once per program from amax with the reference's divisions;
-    the unrolled tiles give the scheduler independent work to overlap with the loads.
+    the unrolled tiles give the scheduler independent work to overlap with the loads, and with
+    PREFETCH the next tile's loads are issued before this tile's arithmetic.
     """
     NB: tl.constexpr = BLOCK_C // 16
     M: tl.constexpr = BLOCK_R * NB
