@@ -21,10 +21,10 @@ from longlive.models.wan import WanConfig, WanModel
 from longlive.pipelines.chunked import ChunkedOptions, generate_latents
 
 CONFIG = dataclasses.replace(WanConfig.preset("tiny"), num_heads=4)
-B, C, F, H, W, CHUNK = 1, 48, 20, 4, 6, 4  # 5 chunks of 4 frames
+B, C, F, H, W, CHUNK = 2, 48, 20, 4, 4, 4  # 5 chunks of 4 frames, 2 samples
 OPTIONS = ChunkedOptions(sampling_steps=2, chunk_frames=CHUNK, local_attn_size=12, sink_size=4, multi_shot_sink=True,
                          multi_shot_rope_offset=8.0)
-CUTS = [[False, False, True, False, True]]
+CUTS = [[False, False, True, False, True]] * 2
 
 
 def _generate(sp, device: str = "cpu") -> torch.Tensor:
@@ -86,7 +86,7 @@ def _check(results: list[dict], exact: bool) -> None:
     assert not torch.equal(ref[:, :, :CHUNK], ref[:, :, -CHUNK:])  # not a degenerate video
     if exact:
         torch.testing.assert_close(r0["latents"].float(), ref, rtol=0, atol=0)
-    else:  # cuBLAS may round a product over 12 tokens (one rank) differently from one over 24
+    else:  # cuBLAS may round a product over one rank's tokens differently from one over all of them
         assert float((r0["latents"].float() - ref).norm() / ref.norm()) < 1e-2
 
 
