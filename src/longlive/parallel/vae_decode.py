@@ -5,8 +5,9 @@ it alone makes the VAE the end-to-end bottleneck (docs/benchmarks.md). Here rank
 latent rows `[i*h/N, (i+1)*h/N)`. The decoder is local per row except in three places, which
 exchange data so that the result equals a one-process decode (up to the convolutions' summation
 order):
-- a convolution with spatial padding p takes p rows from each neighbouring rank (zeros at the top
-  and bottom of the frame) instead of padding its band with zeros (`RowSplit.extend`);
+- a convolution with spatial padding p needs p rows from each neighbouring rank (zeros at the top
+  and bottom of the frame) instead of zeros at its band's edges: the band is convolved zero-padded
+  and the p output rows at each inner edge are recomputed with the neighbours' rows (`RowSplit.conv`);
 - the middle attention block (global over each frame's pixels) gathers the whole frame;
 - the pixel bands are gathered into whole frames on the group's first rank at the end
   (`RowSplit.gather_to_first`).
@@ -17,10 +18,10 @@ time caches) is per pixel or per row.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
-
-from ..models.vae.layers import _memory_format
 
 
 class RowSplit:
@@ -42,33 +43,43 @@ class RowSplit:
         n = height // self.size
         return slice(self.index * n, (self.index + 1) * n)
 
-    def extend(self, x: torch.Tensor, p: int) -> torch.Tensor:
-        """`x [..., rows, W]` with `p` rows of the neighbouring bands above and below (zeros beyond the frame)."""
+    def conv(self, x: torch.Tensor, p: int, conv: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+        """A row-stride-1 convolution of `2p+1` rows over this rank's band `x [..., rows, W]` as if the
+        neighbouring bands were there (zeros beyond the frame). `conv(t, pad)` convolves `t` padded with
+        `pad` zero rows on each side (inside the convolution).
+
+        The band is convolved zero-padded, without a padded copy of it; meanwhile p rows are exchanged
+        with each neighbour, and then the p output rows at each inner edge are recomputed from a slab
+        of 3p rows (p halo rows and 2p band rows). A band thinner than 2p rows is convolved extended by
+        its halo rows instead."""
         if p == 0:
-            return x
+            return conv(x, 0)
         if x.shape[-2] < p:
-            raise ValueError(f"RowSplit.extend: a band of {x.shape[-2]} rows cannot give {p} halo rows")
-        top = torch.zeros_like(x[..., :p, :], memory_format=torch.contiguous_format)
-        bottom = torch.zeros_like(top)
+            raise ValueError(f"RowSplit.conv: a band of {x.shape[-2]} rows cannot give {p} halo rows")
+        top = bottom = None
         ops = []
         if self.index > 0:
             up = self.ranks[self.index - 1]
+            top = torch.empty_like(x[..., :p, :], memory_format=torch.contiguous_format)
             ops += [dist.P2POp(dist.isend, x[..., :p, :].contiguous(), up, self.group),
                     dist.P2POp(dist.irecv, top, up, self.group)]
         if self.index < self.size - 1:
             down = self.ranks[self.index + 1]
+            bottom = torch.empty_like(x[..., -p:, :], memory_format=torch.contiguous_format)
             ops += [dist.P2POp(dist.isend, x[..., -p:, :].contiguous(), down, self.group),
                     dist.P2POp(dist.irecv, bottom, down, self.group)]
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-        # assembled in x's memory format (a channels-last band stays channels-last for the convolution)
-        rows = x.shape[-2]
-        out = torch.empty((*x.shape[:-2], rows + 2 * p, x.shape[-1]), dtype=x.dtype, device=x.device,
-                          memory_format=_memory_format(x))
-        out[..., :p, :] = top
-        out[..., p : p + rows, :] = x
-        out[..., p + rows :, :] = bottom
+        requests = dist.batch_isend_irecv(ops) if ops else []
+        thin = x.shape[-2] < 2 * p
+        out = None if thin else conv(x, p)  # every row but the inner edges' is final
+        for req in requests:
+            req.wait()
+        if thin:
+            zeros = torch.zeros_like(x[..., :p, :])
+            return conv(torch.cat([zeros if top is None else top, x, zeros if bottom is None else bottom], dim=-2), 0)
+        if top is not None:
+            out[..., :p, :] = conv(torch.cat([top, x[..., : 2 * p, :]], dim=-2), 0)
+        if bottom is not None:
+            out[..., -p:, :] = conv(torch.cat([x[..., -2 * p :, :], bottom], dim=-2), 0)
         return out
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:

@@ -84,13 +84,18 @@ class CausalConv3d(nn.Conv3d):
             pad_t -= past.shape[2]
         if pad_t > 0:
             x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
-        padding = self.padding
-        if self.row_split is not None:  # the row padding comes from the neighbouring bands
-            x = self.row_split.extend(x, padding[1])
-            padding = (0, 0, padding[2])
         if self.channels_last:  # a no-op when the input already is (the usual case on CUDA)
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        if self.row_split is not None:  # the row padding comes from the neighbouring bands
+            return self.row_split.conv(x, self.padding[1], self._conv_rows)
+        return F.conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _conv_rows(self, x: torch.Tensor, pad_rows: int) -> torch.Tensor:
+        """The convolution with `pad_rows` zero rows (time already padded, columns as configured)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return F.conv3d(x, self.weight, self.bias, self.stride, (0, pad_rows, self.padding[2]), self.dilation,
+                        self.groups)
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
         """Convolve `x`; with a cache, the stream's previous frames replace the zero padding."""
@@ -195,8 +200,8 @@ class Resample(nn.Module):
             if not self.mode.startswith("upsample"):
                 raise ValueError("Resample: a row-split decode has no down-sampling")
             up, conv = self.resample
-            y = self.row_split.extend(up(_frames_to_batch(x)), conv.padding[0])
-            x = _batch_to_frames(F.conv2d(y, conv.weight, conv.bias, conv.stride, (0, conv.padding[1])), b)
+            rows = lambda t, pad: F.conv2d(t, conv.weight, conv.bias, conv.stride, (pad, conv.padding[1]))  # noqa: E731
+            x = _batch_to_frames(self.row_split.conv(up(_frames_to_batch(x)), conv.padding[0], rows), b)
         if self.mode == "downsample3d":
             x = self._temporal_downsample(x, cache)
         return x
