@@ -215,13 +215,14 @@ class GenerationResult:
     dit_seconds: float
 
 
-def _decodes_by_rows(cfg: Config, sp_size: int) -> bool:
+def _decodes_by_rows(cfg: Config, sp_size: int, quiet: bool = False) -> bool:
     """Whether every rank of an SP group of `sp_size` decodes a band of rows ("rows" decode mode).
 
     It replaces the "sync" and "stream" modes under sequence parallelism (`inference.sp_vae_decode:
     rows`, the default); a dedicated `vae_device`, whole-video decoding and latents-only runs keep their
     modes, and a VAE without banded decoding or a latent height that does not split into `sp_size`
-    equal bands falls back to decoding on the writer rank, with a log line saying why.
+    equal bands falls back to decoding on the writer rank, with a log line saying why (unless `quiet`:
+    the pipeline asks twice, once to decide whether the rank needs a VAE and once when it is built).
     """
     inf = cfg.inference
     if sp_size < 2 or inf.sp_vae_decode != "rows" or inf.save_latents_only:
@@ -233,11 +234,13 @@ def _decodes_by_rows(cfg: Config, sp_size: int) -> bool:
     shape = cfg.data.image_or_video_shape
     height = shape[3] if shape and len(shape) == 5 else None
     if inf.vae_type == "patchify":  # the Wan2.2 VAE classes decode by bands (WanVAE.split_rows)
-        log.info("inference.sp_vae_decode: rows is not available for vae_type patchify; the writer rank decodes")
+        if not quiet:
+            log.info("inference.sp_vae_decode: rows is not available for vae_type patchify; the writer rank decodes")
         return False
     if height is None or height % sp_size:
-        log.info("inference.sp_vae_decode: %s latent rows do not split into %d equal bands; the writer rank decodes",
-                 height, sp_size)
+        if not quiet:
+            log.info("inference.sp_vae_decode: %s latent rows do not split into %d equal bands; the writer rank "
+                     "decodes", height, sp_size)
         return False
     return True
 
@@ -257,6 +260,8 @@ class InferencePipeline:
             from ..parallel.vae_decode import RowSplit
 
             self.row_split = RowSplit(self.sp.group)
+            log.info("VAE decode: each of the %d ranks of the SP group decodes a band of rows of every chunk "
+                     "(inference.sp_vae_decode: rows)", self.sp.size)
 
     @classmethod
     def from_config(cls, cfg: Config, device: torch.device | None = None, dtype: torch.dtype | None = None,
@@ -271,7 +276,7 @@ class InferencePipeline:
             log.info("generator blocks compiled (torch.compile mode=%s); the first chunks include compilation", compile_mode)
         text = build_text_encoder(cfg, generator.config, device, dtype)
         writer = parallel is None or parallel.is_writer
-        rows = parallel is not None and parallel.sp is not None and _decodes_by_rows(cfg, parallel.sp.size)
+        rows = parallel is not None and parallel.sp is not None and _decodes_by_rows(cfg, parallel.sp.size, quiet=True)
         needs_vae = cfg.i2v or ((writer or rows) and not cfg.inference.save_latents_only)
         vae_device = device
         if cfg.inference.streaming_vae and cfg.inference.vae_device and not cfg.i2v:
