@@ -26,6 +26,7 @@ def test_bench_reports_steady_state_and_end_to_end(tmp_path, capsys, decode):
         assert r["frames_written"] == r["pixel_frames"] and r["video_bytes"] > 0
         assert 0 < r["end_to_end_fps"] < r["loop_fps_all_chunks"]
         assert (tmp_path / "v" / "bench.mp4").stat().st_size == r["video_bytes"]
+        assert 0 < r["remux_seconds"] <= r["close_seconds"] < r["wall_seconds"]  # the tail after the last chunk
     if decode in ("sync", "device"):
         assert r["seconds_per_chunk"]["vae"] > 0 and r["seconds_per_chunk"]["io"] > 0
     table = capsys.readouterr().out

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import struct
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -122,6 +123,7 @@ class Mp4Writer:
         self.crf, self.preset = int(crf), str(preset)
         self.faststart, self.fsync = faststart, fsync
         self.frames_written = 0
+        self.remux_seconds = 0.0  # time `close` spent on the faststart remux
         self._fragments = 0
         self._size: tuple[int, int] | None = None
         self._encoder: Any = None
@@ -221,7 +223,9 @@ class Mp4Writer:
         self._file.close()
         self._encoder = None
         if self.faststart:
+            t0 = time.perf_counter()
             _remux_faststart(self.path)
+            self.remux_seconds = time.perf_counter() - t0
         logger.info("wrote %s: %d frames at %s fps", self.path, self.frames_written, self.fps)
 
 

@@ -8,6 +8,8 @@ order):
 - a convolution with spatial padding p needs p rows from each neighbouring rank (zeros at the top
   and bottom of the frame) instead of zeros at its band's edges: the band is convolved zero-padded
   and the p output rows at each inner edge are recomputed with the neighbours' rows (`RowSplit.conv`);
+  a residual block exchanges 2 rows once for both of its convolutions and runs them on the band
+  extended by those rows (`ResidualBlock._forward_band`);
 - the middle attention block (global over each frame's pixels) gathers the whole frame;
 - the pixel bands are gathered into whole frames on the group's first rank at the end
   (`RowSplit.gather_to_first`).
@@ -43,19 +45,11 @@ class RowSplit:
         n = height // self.size
         return slice(self.index * n, (self.index + 1) * n)
 
-    def conv(self, x: torch.Tensor, p: int, conv: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
-        """A row-stride-1 convolution of `2p+1` rows over this rank's band `x [..., rows, W]` as if the
-        neighbouring bands were there (zeros beyond the frame). `conv(t, pad)` convolves `t` padded with
-        `pad` zero rows on each side (inside the convolution).
-
-        The band is convolved zero-padded, without a padded copy of it; meanwhile p rows are exchanged
-        with each neighbour, and then the p output rows at each inner edge are recomputed from a slab
-        of 3p rows (p halo rows and 2p band rows). A band thinner than 2p rows is convolved extended by
-        its halo rows instead."""
-        if p == 0:
-            return conv(x, 0)
+    def start_exchange(self, x: torch.Tensor, p: int) -> "HaloExchange":
+        """Send the first and last `p` rows of this rank's band `x [..., rows, W]` to the neighbouring ranks
+        and receive theirs; `.wait()` gives (rows from above, rows from below), None at the frame's edges."""
         if x.shape[-2] < p:
-            raise ValueError(f"RowSplit.conv: a band of {x.shape[-2]} rows cannot give {p} halo rows")
+            raise ValueError(f"RowSplit: a band of {x.shape[-2]} rows cannot give {p} halo rows")
         top = bottom = None
         ops = []
         if self.index > 0:
@@ -68,11 +62,23 @@ class RowSplit:
             bottom = torch.empty_like(x[..., -p:, :], memory_format=torch.contiguous_format)
             ops += [dist.P2POp(dist.isend, x[..., -p:, :].contiguous(), down, self.group),
                     dist.P2POp(dist.irecv, bottom, down, self.group)]
-        requests = dist.batch_isend_irecv(ops) if ops else []
+        return HaloExchange(dist.batch_isend_irecv(ops) if ops else [], top, bottom)
+
+    def conv(self, x: torch.Tensor, p: int, conv: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+        """A row-stride-1 convolution of `2p+1` rows over this rank's band `x [..., rows, W]` as if the
+        neighbouring bands were there (zeros beyond the frame). `conv(t, pad)` convolves `t` padded with
+        `pad` zero rows on each side (inside the convolution).
+
+        The band is convolved zero-padded, without a padded copy of it; meanwhile p rows are exchanged
+        with each neighbour, and then the p output rows at each inner edge are recomputed from a slab
+        of 3p rows (p halo rows and 2p band rows). A band thinner than 2p rows is convolved extended by
+        its halo rows instead."""
+        if p == 0:
+            return conv(x, 0)
+        exchange = self.start_exchange(x, p)
         thin = x.shape[-2] < 2 * p
         out = None if thin else conv(x, p)  # every row but the inner edges' is final
-        for req in requests:
-            req.wait()
+        top, bottom = exchange.wait()
         if thin:
             zeros = torch.zeros_like(x[..., :p, :])
             return conv(torch.cat([zeros if top is None else top, x, zeros if bottom is None else bottom], dim=-2), 0)
@@ -97,3 +103,16 @@ class RowSplit:
         dist.gather(x, parts, dst=self.ranks[0], group=self.group)
         return None if parts is None else torch.cat(parts, dim=-2)
 
+
+
+class HaloExchange:
+    """Halo rows in flight (`RowSplit.start_exchange`)."""
+
+    def __init__(self, requests: list, top: torch.Tensor | None, bottom: torch.Tensor | None) -> None:
+        self._requests, self._top, self._bottom = requests, top, bottom
+
+    def wait(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        for req in self._requests:
+            req.wait()
+        self._requests = []
+        return self._top, self._bottom

@@ -138,6 +138,8 @@ class _Run:
     phases: dict[str, list[float]] = field(default_factory=dict)
     decode: list[tuple[float, float]] = field(default_factory=list)  # per chunk (vae, io)
     encode: list[float] = field(default_factory=list)  # per chunk, in the writer thread
+    close: float = 0.0  # the writer's close after the last chunk: queued encodes + faststart remux
+    remux: float = 0.0  # of which the remux
     frames_written: int = 0
 
 
@@ -208,7 +210,10 @@ def run_bench(spec: BenchSpec, device: torch.device, sp=None, is_writer: bool = 
                 stats = None
             if writer is not None:
                 w, writer = writer, None
+                t_close = time.perf_counter()
                 w.close()  # waits for the encoder thread
+                run.close = time.perf_counter() - t_close
+                run.remux = getattr(w.sink, "remux_seconds", 0.0)
                 run.encode = list(w.encode_seconds)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -258,6 +263,8 @@ def run_bench(spec: BenchSpec, device: torch.device, sp=None, is_writer: bool = 
         "decode_total_seconds": sum(v for v, _ in run.decode) if run.decode else None,
         "io_total_seconds": sum(i for _, i in run.decode) if run.decode else None,
         "encode_total_seconds": sum(run.encode) if run.encode else None,
+        "close_seconds": run.close if run.encode else None,
+        "remux_seconds": run.remux if run.encode else None,
         "wall_seconds": run.wall,
         "pixel_frames": pixel_frames,
         "frames_written": run.frames_written if spec.decode != "none" else None,
@@ -297,7 +304,10 @@ def format_table(report: dict[str, Any]) -> str:
                                    f"{report['steady_chunks'][-1]}, window full)"),
         ("denoising loop, all chunks", f"{report['loop_fps_all_chunks']:.2f} FPS"),
         ("end to end (decode + MP4)", "-" if report["end_to_end_fps"] is None else
-         f"{report['end_to_end_fps']:.2f} FPS ({report['pixel_frames']} frames in {report['wall_seconds']:.2f} s)"),
+         f"{report['end_to_end_fps']:.2f} FPS ({report['pixel_frames']} frames in {report['wall_seconds']:.2f} s"
+         + ("" if report.get("close_seconds") is None else
+            f"; closing the MP4 after the last chunk {report['close_seconds']:.2f} s, remux {report['remux_seconds']:.2f} s")
+         + ")"),
         ("per chunk", f"DiT {ms(sec['dit'])}, refresh {ms(sec['refresh'])}, VAE {ms(sec['vae'])}, "
                       f"I/O {ms(sec['io'])} (to host), H.264 {ms(sec['encode'])} (writer thread)"),
         *([("ceiling, same chunk", _ceiling_row(report))] if "ceiling" in report else []),

@@ -77,7 +77,7 @@ class CausalConv3d(nn.Conv3d):
         # time is padded towards the past only, with the stream's cached frames or zeros
         self.padding = (0, pad_h, pad_w)
 
-    def _run(self, x: torch.Tensor, past: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, past: torch.Tensor | None, bias: bool = True, pad_rows: int | None = None) -> torch.Tensor:
         pad_t = self.past_frames
         if past is not None and pad_t > 0:
             x = torch.cat([past.to(x.device), x], dim=2)
@@ -86,27 +86,30 @@ class CausalConv3d(nn.Conv3d):
             x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
         if self.channels_last:  # a no-op when the input already is (the usual case on CUDA)
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        if self.row_split is not None:  # the row padding comes from the neighbouring bands
-            return self.row_split.conv(x, self.padding[1], self._conv_rows)
-        return F.conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        b = self.bias if bias else None
+        if pad_rows is None and self.row_split is not None:  # the row padding comes from the neighbouring bands
+            return self.row_split.conv(x, self.padding[1], lambda t, pad: self._conv_rows(t, pad, b))
+        return self._conv_rows(x, self.padding[1] if pad_rows is None else pad_rows, b)
 
-    def _conv_rows(self, x: torch.Tensor, pad_rows: int) -> torch.Tensor:
+    def _conv_rows(self, x: torch.Tensor, pad_rows: int, bias: torch.Tensor | None) -> torch.Tensor:
         """The convolution with `pad_rows` zero rows (time already padded, columns as configured)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        return F.conv3d(x, self.weight, self.bias, self.stride, (0, pad_rows, self.padding[2]), self.dilation,
-                        self.groups)
+        return F.conv3d(x, self.weight, bias, self.stride, (0, pad_rows, self.padding[2]), self.dilation, self.groups)
 
-    def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
-        """Convolve `x`; with a cache, the stream's previous frames replace the zero padding."""
+    def forward(self, x: torch.Tensor, cache: FeatureCache | None = None, bias: bool = True,
+                pad_rows: int | None = None) -> torch.Tensor:
+        """Convolve `x`; with a cache, the stream's previous frames replace the zero padding. `bias=False`
+        leaves the bias out (the caller adds it); `pad_rows` pads the rows with that many zeros instead of
+        the configured padding (or, in a row-split decode, the neighbours' rows)."""
         if cache is None or self.past_frames == 0:
-            return self._run(x, None)
+            return self._run(x, None, bias, pad_rows)
         index, past = cache.take()
         assert past is None or isinstance(past, torch.Tensor)
         tail = x[:, :, -self.past_frames:]
         if past is not None and tail.shape[2] < self.past_frames:
             tail = torch.cat([past[:, :, tail.shape[2] - self.past_frames:].to(x.device), tail], dim=2)
-        out = self._run(x, past)
+        out = self._run(x, past, bias, pad_rows)
         cache.put(index, tail.clone())
         return out
 
@@ -240,19 +243,6 @@ def rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor
     return F.silu(_rms(x, gamma, scale))
 
 
-def _fused_rms_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
-    """`rms_silu` as one Triton kernel where it applies (bf16 channels-last on CUDA: `kernels.py`), else
-    the eager ops (said once per kind of input, since it is slower)."""
-    if kernels.supported(x):
-        return kernels.rms_silu_channels_last(x, gamma, scale)
-    kind = (x.device.type, x.dtype, x.is_contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else False)
-    if kind not in _EAGER_NORMS_TOLD:
-        _EAGER_NORMS_TOLD.add(kind)
-        log.warning("fuse_decoder_norms: eager RMS norm + SiLU for %s %s input (channels-last: %s); the fused "
-                    "kernel needs bfloat16 channels-last activations on CUDA and triton", *kind)
-    return rms_silu(x, gamma, scale)
-
-
 _EAGER_NORMS_TOLD: set[tuple] = set()
 
 
@@ -270,15 +260,91 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        h = self.shortcut(x)
-        if self.fused_norms and not self.training:  # (dropout is the identity in eval)
-            norm1, _, conv1, norm2, _, _, conv2 = self.residual
-            x = conv1(_fused_rms_silu(x, norm1.gamma, norm1.scale), cache)
-            x = conv2(_fused_rms_silu(x, norm2.gamma, norm2.scale), cache)
+        if self.training:
+            h = self.shortcut(x)
+            for layer in self.residual:
+                x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
             return x + h
-        for layer in self.residual:
-            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        split = self.residual[2].row_split
+        if split is not None and x.shape[-2] >= self.residual[2].padding[1] + self.residual[6].padding[1]:
+            return self._forward_band(x, cache, split)  # (thinner bands: an exchange per convolution, below)
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        h = self.shortcut(x)
+        fused = self.fused_norms and kernels.supported(x)
+        x = conv1(_norm_silu(x, norm1, self.fused_norms), cache, bias=not fused)
+        x = conv2(_norm_silu(x, norm2, fused, conv1.bias if fused else None), cache, bias=not fused)
+        return _add_residual(x, conv2.bias if fused else None, h)
+
+    def _forward_band(self, x: torch.Tensor, cache: FeatureCache, split) -> torch.Tensor:
+        """This rank's band of rows: one exchange of 2 rows with each neighbour for both convolutions
+        (instead of one per convolution). The first norm runs on the band extended by those rows (zeros
+        beyond the frame), both convolutions without row padding: the first gives the band plus one row on
+        each side, whose rows beyond the frame are then zeroed (the second convolution's padding), the
+        second exactly the band."""
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        p1, p2 = conv1.padding[1], conv2.padding[1]
+        n = p1 + p2
+        exchange = split.start_exchange(x, n)
+        h = self.shortcut(x)
+        top, bottom = exchange.wait()
+        fused = self.fused_norms and kernels.supported(x)
+        b, c, t, rows, w = x.shape
+        if fused:  # the norm writes straight into the extended tensor: no padded copy
+            ext = torch.empty((b, c, t, rows + 2 * n, w), dtype=x.dtype, device=x.device,
+                              memory_format=torch.channels_last_3d)
+            kernels.rms_silu_channels_last(x, norm1.gamma, norm1.scale, out=ext[..., n : n + rows, :])
+            for halo, part in ((top, ext[..., :n, :]), (bottom, ext[..., n + rows :, :])):
+                if halo is None:
+                    part.zero_()
+                else:
+                    kernels.rms_silu_channels_last(halo.contiguous(memory_format=torch.channels_last_3d), norm1.gamma,
+                                                   norm1.scale, out=part)
+        else:
+            if self.fused_norms:
+                _tell_eager(x)
+            zeros = torch.zeros_like(x[..., :n, :])
+            ext = torch.cat([zeros if top is None else top, x, zeros if bottom is None else bottom], dim=-2)
+            ext = rms_silu(ext, norm1.gamma, norm1.scale)  # zero rows stay zero
+        y = conv1(ext, cache, bias=not fused, pad_rows=0)  # rows + 2 * p2
+        y = _norm_silu(y, norm2, fused, conv1.bias if fused else None)
+        if top is None:
+            y[..., :p2, :] = 0
+        if bottom is None:
+            y[..., y.shape[-2] - p2 :, :] = 0
+        y = conv2(y, cache, bias=not fused, pad_rows=0)
+        return _add_residual(y, conv2.bias if fused else None, h)
+
+
+def _norm_silu(x: torch.Tensor, norm: RMSNorm, fused: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(norm(x + bias)): the Triton kernel when `fused` and it takes `x`, else the eager ops (said once when
+    `fused` asked for the kernel); `bias` is a convolution's bias that was left out of it, or None."""
+    if fused and kernels.supported(x):
+        return kernels.rms_silu_channels_last(x, norm.gamma, norm.scale, bias=bias)
+    if fused:
+        _tell_eager(x)
+    if bias is not None:
+        x = x + bias.view(1, -1, 1, 1, 1)
+    return rms_silu(x, norm.gamma, norm.scale)
+
+
+def _tell_eager(x: torch.Tensor) -> None:
+    """Say once per kind of input that a fused block runs the eager norm (it is slower)."""
+    kind = (x.device.type, x.dtype, x.is_contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else False)
+    if kind not in _EAGER_NORMS_TOLD:
+        _EAGER_NORMS_TOLD.add(kind)
+        log.warning("fuse_decoder_norms: eager RMS norm + SiLU for %s %s input (channels-last: %s); the fused "
+                    "kernel needs bfloat16 channels-last activations on CUDA and triton", *kind)
+
+
+def _add_residual(x: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+    """(x + bias) + h, the bias (a convolution's, when it was left out) added in the same pass where the
+    kernel applies."""
+    if bias is None:
         return x + h
+    h = h.contiguous(memory_format=torch.channels_last_3d)
+    if kernels.supported(x) and kernels.supported(h):
+        return kernels.bias_residual_add(x, bias, h)
+    return (x + bias.view(1, -1, 1, 1, 1)) + h
 
 
 class AttentionBlock(nn.Module):
@@ -296,7 +362,7 @@ class AttentionBlock(nn.Module):
         if self.row_split is None:
             return self._attend(x)
         full = self._attend(self.row_split.gather(x))
-        return full[..., self.row_split.rows(full.shape[-2]), :]
+        return full[..., self.row_split.rows(full.shape[-2]), :].contiguous(memory_format=_memory_format(full))
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
