@@ -9,8 +9,9 @@ Speed does not depend on weight values, so the 5B architecture is timed without 
    part of the loop), streamed through the decode mode into a real MP4 file.
 Reported (JSON and a table): denoising-loop FPS at steady state (chunks whose window is full:
 pixel frames per chunk / (denoising steps + refresh)), end-to-end FPS (all pixel frames / wall time
-from the first chunk to the closed MP4), per-chunk seconds of DiT, refresh, VAE and I/O, peak GPU
-memory, and the hardware, software versions and commit. DiT and refresh are CUDA-event timed on the
+from the first chunk to the closed MP4), per-chunk seconds of DiT, refresh, VAE and I/O, the
+seconds of closing the MP4 after the last chunk (queued encodes, faststart remux), peak GPU memory,
+and the hardware, software versions and commit. DiT and refresh are CUDA-event timed on the
 diffusion stream; VAE and I/O (device to host) are the decoder's own durations, H.264 encoding the
 writer thread's; in the asynchronous modes they overlap the DiT.
 """
