@@ -1,4 +1,5 @@
-"""Launch-parameter sweep of the NVFP4 quantize kernel on CUDA: tiles per program x warps x prefetch,
+"""Launch-parameter sweep of the NVFP4 quantize kernel on CUDA: block rows x tiles per program x
+prefetch (warps = block rows / 4, so that each thread holds one block of a tile),
 for nearest and stochastic rounding with a static and a four-over-six rule, on the three shapes of
 `nvfp4_kernels.py` (inputs read from HBM, device time by CUDA-graph replay). `_LAUNCH_DEFAULTS` in
 `longlive.quant.nvfp4_triton` holds the best of each (rule kind, rounding). Prints one line per launch;
@@ -38,19 +39,23 @@ def main() -> None:
         for rule, rnd in (("static_6", "nearest"), ("mse", "nearest"), ("static_6", "stochastic"), ("mse", "stochastic")):
             sto = rnd == "stochastic"
             nbytes = n * 2 + n // 2 + n // 16 + (n * 4 if sto else 0)
-            for prefetch, tiles, warps in itertools.product((False, True), (1, 2, 4, 8), (4, 8)):
+            for prefetch, tiles, (block_rows, warps) in itertools.product((False, True), (1, 2, 4, 8),
+                                                                          ((8, 2), (16, 4), (32, 8))):
+                if block_rows * tiles > 128:
+                    continue
                 it = itertools.count()
 
                 def call():
                     i = next(it)
                     return quantize_triton(xs[i % copies], rule, round=rnd, uniform=us[i % len(us)] if sto else None,
                                            validate=False, amax=amaxes[i % copies], tiles=tiles, num_warps=warps,
-                                           prefetch=prefetch)
+                                           prefetch=prefetch, block_rows=block_rows)
 
                 t = time_graph(call)
-                rows_out.append(dict(shape=name, rule=rule, round=rnd, prefetch=prefetch, tiles=tiles, warps=warps,
+                rows_out.append(dict(shape=name, rule=rule, round=rnd, prefetch=prefetch, block_rows=block_rows,
+                                     tiles=tiles, warps=warps,
                                      us=t * 1e6, frac=nbytes / t / bw))
-                print(f"{name:10s} {rule:8s} {rnd:10s} prefetch={int(prefetch)} tiles={tiles} warps={warps} "
+                print(f"{name:10s} {rule:8s} {rnd:10s} prefetch={int(prefetch)} rows={block_rows} tiles={tiles} warps={warps} "
                       f"{t * 1e6:7.1f} us {nbytes / t / bw:.3f}", flush=True)
     if os.environ.get("OUT"):
         with open(Path(os.environ["OUT"]) / "nvfp4_launch_sweep.json", "w") as f:

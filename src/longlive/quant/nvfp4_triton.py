@@ -120,28 +120,43 @@ def _block_error(diff, RULE: tl.constexpr, BLOCK_R: tl.constexpr, NB: tl.constex
 @triton.jit
 def _scale_offsets(row, scol, scale_cols):
     """Blocked (128x4 tile -> 32x16) offset of scale (row, scol), spec 7.1."""
-    tile = (row // 128) * (scale_cols // 4) + scol // 4
-    return (tile * 32 + row % 32) * 16 + (row % 128 // 32) * 4 + scol % 4
+    tile = (row >> 7) * (scale_cols >> 2) + (scol >> 2)  # row, scol >= 0; scale_cols % 4 == 0
+    return ((tile << 5) + (row & 31)) * 16 + ((row >> 5) & 3) * 4 + (scol & 3)
+
+
+@triton.jit
+def _e2m1_round_bits(a, neg):
+    """Nearest E2M1 step of a = |xs| (float32, finite, >= 0), ties to even, saturating at 6.
+
+    Returns (bits, value): the low nibble of the int32 `bits` is the code, with the sign bit 3 set
+    where neg (int32 0/1) is 1; bits 4-22 are zero and bits 23-31 are not (mask or shift them away);
+    `value` is the E2M1 magnitude. The sum t = a + m, with m = 2^22 / 2^23 / 2^24 (for a below 2 /
+    4 / 8, from the biased exponent E of max(a, 1)) plus (2(E - 127) + 8 neg) units in its last
+    place, rounds to nearest-even by itself: the float32 unit in the last place of m is the E2M1
+    spacing of the binade (0.5, 1, 2), and the added units are even so the tie parity is that of the
+    step count. t's mantissa then reads the binade's first code 2(E - 127) plus the steps, plus 8 for
+    negatives. E and the sign come from multiply-high and m from one multiply-add: those run on the
+    FMA pipe, while the integer/logic pipe, which issues at half rate, is this kernel's limit. Needs
+    FMA contraction off (``enable_fp_fusion=False``), which every launch sets.
+    """
+    a = tl.minimum(a, 6.0)
+    be = tl.umulhi(tl.maximum(a, 1.0).to(tl.uint32, bitcast=True), 512).to(tl.int32)  # 127..129
+    magic = (be * 8388610 + (neg * 8 + ((22 << 23) - 254))).to(tl.float32, bitcast=True)
+    t = a + magic
+    return t.to(tl.int32, bitcast=True), t - magic
 
 
 @triton.jit
 def _e2m1_round(a):
-    """Nearest E2M1 step of a = |xs| (float32, finite, >= 0), ties to even, saturating at 6.
+    """Nearest E2M1 step of a = |xs| (ties to even, saturating at 6): (code 0..7 int32, magnitude)."""
+    bits, value = _e2m1_round_bits(a, 0)
+    return bits & 7, value
 
-    Returns (the code 0..7 int32, the E2M1 magnitude float32). Adding 2^22 / 2^23 /
-    2^24 (for a below 2 / 4 / 8, taken from the exponent of max(a, 1)) puts the float32 unit in
-    the last place at the E2M1 spacing of the binade (0.5, 1, 2), so the addition itself rounds
-    to nearest-even; the difference of the bit patterns counts the steps, and the exponent gives
-    the code of the binade's first step. Needs FMA contraction off (``enable_fp_fusion=False``),
-    which every launch sets.
-    """
-    a = tl.minimum(a, 6.0)
-    e = tl.maximum(a, 1.0).to(tl.int32, bitcast=True) & 0x7F800000
-    magic = (e + (22 << 23)).to(tl.float32, bitcast=True)
-    t = a + magic
-    # steps = bits(t) - e - (22 << 23); first code of the binade = 2 * (exponent - 127) = (e >> 22) - 254
-    k = t.to(tl.int32, bitcast=True) - e + (e >> 22) + (-(22 << 23) - 254)
-    return k, t - magic
+
+@triton.jit
+def _sign_bit(x):
+    """1 where float32 x has its sign bit set, else 0 (int32; a multiply-high, not a shift)."""
+    return tl.umulhi(x.to(tl.uint32, bitcast=True), 2).to(tl.int32)
 
 
 @triton.jit
@@ -194,27 +209,26 @@ def _block_scale(bmax, k, dec):
 
 
 @triton.jit
-def _half_round(xh, uh, inv, STOCHASTIC: tl.constexpr):
-    """E2M1 magnitudes (code [M, 8] int32, value float32) of one half of each block."""
-    a = tl.abs(xh * inv[:, None])
+def _pair_round(x, u, neg, inv, STOCHASTIC: tl.constexpr):
+    """E2M1 rounding of one element of each pair [M, 4]: (code bits as `_e2m1_round_bits`, magnitude)."""
+    a = tl.abs(x * inv[:, None])
     if STOCHASTIC:
-        k, r = _e2m1_round_stochastic(a, uh)
+        k, r = _e2m1_round_stochastic(a, u)
+        bits = k + neg * 8
     else:
-        k, r = _e2m1_round(a)
-    return k, r
+        bits, r = _e2m1_round_bits(a, neg)
+    return bits, r
 
 
 @triton.jit
-def _half_diff(r, sb, dec, xh):
-    """|dequantized| - |x| of one half: the candidate's error up to its sign (which no rule uses)."""
-    return (r * sb[:, None]) * dec - tl.abs(xh)
+def _pair_diff(r, sb, dec, x):
+    """|dequantized| - |x|: the candidate's error up to its sign (which no rule uses)."""
+    return (r * sb[:, None]) * dec - tl.abs(x)
 
 
 @triton.jit
-def _sum8(t, M: tl.constexpr):
-    """Sum [M, 8] over the last dim as ((e0+e1)+(e2+e3))+((e4+e5)+(e6+e7)) (the reference's tree)."""
-    a, b = tl.split(tl.reshape(t, (M, 4, 2)))
-    t = a + b
+def _sum4(t, M: tl.constexpr):
+    """Sum [M, 4] over the last dim as (t0+t1)+(t2+t3)."""
     a, b = tl.split(tl.reshape(t, (M, 2, 2)))
     t = a + b
     a, b = tl.split(t)
@@ -222,83 +236,126 @@ def _sum8(t, M: tl.constexpr):
 
 
 @triton.jit
-def _half_error(da, db, RULE: tl.constexpr, M: tl.constexpr):
-    """Four-over-six block error from the two halves of (dequantized - x): 1 sse, 2 sae, 3 max abs."""
+def _half_error(de, do, RULE: tl.constexpr, M: tl.constexpr):
+    """Four-over-six error of half a block from its even and odd elements' (dequantized - x), [M, 4]
+    each: 1 = sum of squares, 2 = sum of abs (the reference's tree: pairs first), 3 = max abs."""
     if RULE == 1:
-        err = _sum8(da * da, M) + _sum8(db * db, M)
+        err = _sum4(de * de + do * do, M)
     elif RULE == 2:
-        err = _sum8(tl.abs(da), M) + _sum8(tl.abs(db), M)
+        err = _sum4(tl.abs(de) + tl.abs(do), M)
     else:
-        err = tl.maximum(tl.max(tl.abs(da), axis=1), tl.max(tl.abs(db), axis=1))
+        err = tl.maximum(tl.max(tl.abs(de), axis=1), tl.max(tl.abs(do), axis=1))
     return err
 
 
 @triton.jit
-def _pack_half(codes, M: tl.constexpr):
-    """Pack codes [M, 8] (0..15) into one int32 per row, low nibble first (bit operations only)."""
-    # the fields are disjoint, so + is |; written as + it compiles to one shift-add per pair
-    lo, hi = tl.split(tl.reshape(codes, (M, 4, 2)))
-    lo, hi = tl.split(tl.reshape(lo + (hi << 4), (M, 2, 2)))
-    lo, hi = tl.split(lo + (hi << 8))
-    return lo + (hi << 16)
-
-
-@triton.jit
-def _unpack_half(word, dec, sb, M: tl.constexpr):
-    """Dequantize 8 codes packed in an int32 per row: (value * block scale) * decode, float32 [M, 8]."""
-    shift = tl.arange(0, 8) * 4
-    code = (word[:, None] >> shift[None, :]) & 15
-    return (_e2m1_value(code) * sb[:, None]) * dec
-
-
-# --------------------------------------------------------------------------------------------------
-# Kernels
-
-
-@triton.jit
-def _load_tile(x_ptr, u_ptr, r, blk, rows, cols, stride_x, stride_u, STOCHASTIC: tl.constexpr):
-    """The M blocks (row r, block column blk) as two [M, 8] halves in the input dtype, and their uniforms."""
-    j = tl.arange(0, 8)
-    col = blk[:, None] * 16 + j[None, :]
-    row_ok = (r < rows)[:, None]
-    xrow = x_ptr + r.to(tl.int64) * stride_x
-    xa = tl.load(xrow[:, None] + col, mask=row_ok & (col < cols), other=0.0)
-    xb = tl.load(xrow[:, None] + col + 8, mask=row_ok & (col + 8 < cols), other=0.0)
-    if STOCHASTIC:
-        urow = u_ptr + r.to(tl.int64) * stride_u
-        ua = tl.load(urow[:, None] + col, mask=row_ok & (col < cols), other=0.0)
-        ub = tl.load(urow[:, None] + col + 8, mask=row_ok & (col + 8 < cols), other=0.0)
+def _candidate_error(rea, roa, reb, rob, sb, dec, ea, oa, eb, ob, RULE: tl.constexpr, M: tl.constexpr):
+    """Four-over-six error of a candidate (magnitudes r of the four parts) against the block."""
+    err_a = _half_error(_pair_diff(rea, sb, dec, ea), _pair_diff(roa, sb, dec, oa), RULE, M)
+    err_b = _half_error(_pair_diff(reb, sb, dec, eb), _pair_diff(rob, sb, dec, ob), RULE, M)
+    if RULE == 3:
+        err = tl.maximum(err_a, err_b)
     else:
-        ua = xa
-        ub = xb
-    return xa, xb, ua, ub
+        err = err_a + err_b
+    return err
+
+
+@triton.jit
+def _pack_half(even, odd, M: tl.constexpr):
+    """Pack the code bits of half a block (even and odd elements, [M, 4] each, the code in the low
+    nibble, garbage from bit 23 up) into one int32 per block, low nibble first.
+
+    The shift-adds never carry into a lower field (bits 4-22 of every input are zero), so the garbage
+    stays above each field and one mask per 16 bits removes it."""
+    b = even + (odd << 4)  # byte j = elements 2j, 2j+1
+    lo, hi = tl.split(tl.reshape(b, (M, 2, 2)))
+    h = lo + (hi << 8)
+    lo, hi = tl.split(h)
+    return (lo & 0xFFFF) | (hi << 16)
+
+
+@triton.jit
+def _load_half(ptr, r, blk, H: tl.constexpr, rows, cols, stride, KIND: tl.constexpr, EVEN: tl.constexpr):
+    """Elements 8H .. 8H+7 of blocks (row r, block column blk) as float32 (even, odd) [M, 4].
+
+    KIND 0 (bfloat16) and 1 (float16) read ``ptr`` as int32 words of two elements (one 16-byte load
+    per thread; bfloat16 widens by a shift and a mask), KIND 2 (float32) as floats; ``stride`` counts
+    those units. Outside the tensor (unless EVEN says there is no outside) the elements are zero.
+    """
+    row = r.to(tl.int64)[:, None] * stride
+    row_ok = (r < rows)[:, None]
+    if KIND == 2:  # strided loads: a split of one [M, 8] load would go through shared memory
+        col = (blk * 16 + 8 * H)[:, None] + 2 * tl.arange(0, 4)[None, :]
+        if EVEN:
+            even = tl.load(ptr + row + col)
+            odd = tl.load(ptr + row + col + 1)
+        else:
+            even = tl.load(ptr + row + col, mask=row_ok & (col < cols), other=0.0)
+            odd = tl.load(ptr + row + col + 1, mask=row_ok & (col + 1 < cols), other=0.0)
+    else:
+        wcol = (blk * 8 + 4 * H)[:, None] + tl.arange(0, 4)[None, :]
+        if EVEN:
+            w = tl.load(ptr + row + wcol)
+        else:
+            w = tl.load(ptr + row + wcol, mask=row_ok & (2 * wcol < cols), other=0)
+        if KIND == 0:
+            even = (w << 16).to(tl.float32, bitcast=True)
+            odd = (w & -65536).to(tl.float32, bitcast=True)
+        else:
+            even = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            odd = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return even, odd
+
+
+@triton.jit
+def _load_tile(x_ptr, u_ptr, r, blk, rows, cols, stride_x, stride_u,
+               KIND: tl.constexpr, STOCHASTIC: tl.constexpr, EVEN: tl.constexpr):
+    """The tile's blocks as four float32 [M, 4] parts (even and odd elements of each half), and
+    their uniforms (else the parts again)."""
+    ea, oa = _load_half(x_ptr, r, blk, 0, rows, cols, stride_x, KIND, EVEN)
+    eb, ob = _load_half(x_ptr, r, blk, 1, rows, cols, stride_x, KIND, EVEN)
+    if STOCHASTIC:
+        uea, uoa = _load_half(u_ptr, r, blk, 0, rows, cols, stride_u, 2, EVEN)
+        ueb, uob = _load_half(u_ptr, r, blk, 1, rows, cols, stride_u, 2, EVEN)
+    else:
+        uea, uoa, ueb, uob = ea, oa, eb, ob
+    return ea, oa, eb, ob, uea, uoa, ueb, uob
+
+
+@triton.jit
+def _candidate_half(e, o, ue, uo, ne, no, inv, STOCHASTIC: tl.constexpr):
+    ce, re = _pair_round(e, ue, ne, inv, STOCHASTIC)
+    co, ro = _pair_round(o, uo, no, inv, STOCHASTIC)
+    return ce, co, re, ro
 
 
 @triton.jit
 def _quantize_tile(
-    xa, xb, ua, ub, words_ptr, scales_ptr, r, blk, k, k4, dec, words_per_row, scale_cols,
+    ea, oa, eb, ob, uea, uoa, ueb, uob, words_ptr, scales_ptr, r, blk, k, k4, dec, words_per_row, scale_cols,
     M: tl.constexpr, RULE: tl.constexpr, STOCHASTIC: tl.constexpr,
 ):
     """Quantize the M blocks (row r, block column blk), loaded by `_load_tile`, with the per-tensor
     factors k, k4, dec."""
-    xa = xa.to(tl.float32)
-    xb = xb.to(tl.float32)
-    bmax = tl.maximum(tl.max(tl.abs(xa), axis=1), tl.max(tl.abs(xb), axis=1))
+    bmax = tl.maximum(tl.maximum(tl.max(tl.abs(ea), axis=1), tl.max(tl.abs(oa), axis=1)),
+                      tl.maximum(tl.max(tl.abs(eb), axis=1), tl.max(tl.abs(ob), axis=1)))
+    nea, noa, neb, nob = _sign_bit(ea), _sign_bit(oa), _sign_bit(eb), _sign_bit(ob)
     sb_code, sb, inv = _block_scale(bmax, k, dec)
-    ka, ra = _half_round(xa, ua, inv, STOCHASTIC)
-    kb, rb = _half_round(xb, ub, inv, STOCHASTIC)
+    cea, coa, rea, roa = _candidate_half(ea, oa, uea, uoa, nea, noa, inv, STOCHASTIC)
+    ceb, cob, reb, rob = _candidate_half(eb, ob, ueb, uob, neb, nob, inv, STOCHASTIC)
     if RULE != 0:
         sb_code4, sb4, inv4 = _block_scale(bmax, k4, dec)
-        ka4, ra4 = _half_round(xa, ua, inv4, STOCHASTIC)
-        kb4, rb4 = _half_round(xb, ub, inv4, STOCHASTIC)
-        err6 = _half_error(_half_diff(ra, sb, dec, xa), _half_diff(rb, sb, dec, xb), RULE, M)
-        err4 = _half_error(_half_diff(ra4, sb4, dec, xa), _half_diff(rb4, sb4, dec, xb), RULE, M)
+        cea4, coa4, rea4, roa4 = _candidate_half(ea, oa, uea, uoa, nea, noa, inv4, STOCHASTIC)
+        ceb4, cob4, reb4, rob4 = _candidate_half(eb, ob, ueb, uob, neb, nob, inv4, STOCHASTIC)
+        err6 = _candidate_error(rea, roa, reb, rob, sb, dec, ea, oa, eb, ob, RULE, M)
+        err4 = _candidate_error(rea4, roa4, reb4, rob4, sb4, dec, ea, oa, eb, ob, RULE, M)
         pick4 = err4 < err6  # ties keep the max->6 candidate
-        ka = tl.where(pick4[:, None], ka4, ka)
-        kb = tl.where(pick4[:, None], kb4, kb)
+        cea = tl.where(pick4[:, None], cea4, cea)
+        coa = tl.where(pick4[:, None], coa4, coa)
+        ceb = tl.where(pick4[:, None], ceb4, ceb)
+        cob = tl.where(pick4[:, None], cob4, cob)
         sb_code = tl.where(pick4, sb_code4, sb_code)
-    wa = _clear_negative_zeros(_pack_half(_with_sign(ka, xa), M))
-    wb = _clear_negative_zeros(_pack_half(_with_sign(kb, xb), M))
+    wa = _clear_negative_zeros(_pack_half(cea, coa, M))
+    wb = _clear_negative_zeros(_pack_half(ceb, cob, M))
     word = wa.to(tl.uint32).to(tl.int64) | (wb.to(tl.int64) << 32)
     tl.store(words_ptr + r.to(tl.int64) * words_per_row + blk, word)
     tl.store(scales_ptr + _scale_offsets(r, blk, scale_cols), sb_code.to(tl.uint8))
@@ -310,14 +367,17 @@ def _quantize_kernel(
     rows, cols, stride_x, stride_u, words_per_row, scale_cols,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr, RULE: tl.constexpr,
     STOCHASTIC: tl.constexpr, E2M1_MAX: tl.constexpr, E4M3_MAX: tl.constexpr, PREFETCH: tl.constexpr,
+    KIND: tl.constexpr, EVEN: tl.constexpr,
 ):
     """One program quantizes TILES tiles of [BLOCK_R, BLOCK_C] (stacked rows) of the padded tensor.
 
-    A tile is held as M = BLOCK_R * BLOCK_C / 16 blocks, each loaded as two halves of 8 so that a
-    block's elements stay in one thread (block max, error sums and nibble packing need no shuffles).
-    The per-tensor factors are computed once per program from amax with the reference's divisions;
-    the unrolled tiles give the scheduler independent work to overlap with the loads, and with
-    PREFETCH the next tile's loads are issued before this tile's arithmetic.
+    A tile is held as M = BLOCK_R * BLOCK_C / 16 blocks, each loaded as two halves of 8 elements
+    split into even and odd elements (`_load_half`), so that a block's elements stay in one thread
+    (block max, error sums and nibble packing need no shuffles) and an even and an odd element are
+    the two nibbles of one output byte. The per-tensor factors are computed once per program from amax with the
+    reference's divisions; the unrolled tiles give the scheduler independent work to overlap with
+    the loads, and with PREFETCH the next tile's loads are issued before this tile's arithmetic.
+    EVEN (the tensor fills the padded shape) drops the bounds masks.
     """
     NB: tl.constexpr = BLOCK_C // 16
     M: tl.constexpr = BLOCK_R * NB
@@ -328,18 +388,27 @@ def _quantize_kernel(
     i = tl.arange(0, M)
     blk = tl.program_id(1) * NB + i % NB
     r = tl.program_id(0) * TILES * BLOCK_R + i // NB
-    xa, xb, ua, ub = _load_tile(x_ptr, u_ptr, r, blk, rows, cols, stride_x, stride_u, STOCHASTIC)
+    tile = _load_tile(x_ptr, u_ptr, r, blk, rows, cols, stride_x, stride_u, KIND, STOCHASTIC, EVEN)
     for t in tl.static_range(TILES):
         if PREFETCH and t + 1 < TILES:  # the next tile's loads go out before this tile's arithmetic
-            na, nb, nua, nub = _load_tile(x_ptr, u_ptr, r + BLOCK_R, blk, rows, cols, stride_x, stride_u, STOCHASTIC)
-        _quantize_tile(xa, xb, ua, ub, words_ptr, scales_ptr, r, blk, k, k4, dec, words_per_row, scale_cols,
-                       M, RULE, STOCHASTIC)
+            nxt = _load_tile(x_ptr, u_ptr, r + BLOCK_R, blk, rows, cols, stride_x, stride_u, KIND, STOCHASTIC, EVEN)
+        ea, oa, eb, ob, uea, uoa, ueb, uob = tile
+        _quantize_tile(ea, oa, eb, ob, uea, uoa, ueb, uob, words_ptr, scales_ptr, r, blk, k, k4, dec,
+                       words_per_row, scale_cols, M, RULE, STOCHASTIC)
         if t + 1 < TILES:
             r += BLOCK_R
             if PREFETCH:
-                xa, xb, ua, ub = na, nb, nua, nub
+                tile = nxt
             else:
-                xa, xb, ua, ub = _load_tile(x_ptr, u_ptr, r, blk, rows, cols, stride_x, stride_u, STOCHASTIC)
+                tile = _load_tile(x_ptr, u_ptr, r, blk, rows, cols, stride_x, stride_u, KIND, STOCHASTIC, EVEN)
+
+
+@triton.jit
+def _unpack_half(word, dec, sb, M: tl.constexpr):
+    """Dequantize 8 codes packed in an int32 per row: (value * block scale) * decode, float32 [M, 8]."""
+    shift = tl.arange(0, 8) * 4
+    code = (word[:, None] >> shift[None, :]) & 15
+    return (_e2m1_value(code) * sb[:, None]) * dec
 
 
 @triton.jit
@@ -408,6 +477,24 @@ def _block_shape(padded_cols: int, block_rows: int | None, block_cols: int | Non
     return br, bc
 
 
+_IN_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # the quantize kernel's KIND
+
+
+def _kernel_input(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """t as the quantize kernel reads it, and its KIND: bfloat16 / float16 as int32 words of two
+    elements (an odd column count gets a zero column: the reference pads with zeros, so the codes are
+    the same), float32 as is (other dtypes become float32 first, as in the reference)."""
+    if t.dtype not in _IN_KINDS:
+        t = t.to(torch.float32)
+    if t.element_size() == 2:
+        if t.shape[1] % 2:
+            t = torch.nn.functional.pad(t, (0, 1))
+        elif t.stride(1) != 1 or t.stride(0) % 2 or t.storage_offset() % 2:
+            t = t.contiguous()
+        return t.view(torch.int32), _IN_KINDS[t.dtype]
+    return (t if t.stride(1) == 1 else t.contiguous()), _IN_KINDS[t.dtype]
+
+
 def _check_device(t: torch.Tensor) -> None:
     """CPU tensors only work under the Triton interpreter; say so instead of failing inside Triton."""
     if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -447,8 +534,6 @@ def quantize_triton(
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"quantize_triton expects a 2-D floating tensor, got {x.dtype} {tuple(x.shape)}")
     _check_device(x)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
     rows, cols = x.shape
     prow, pcol = padded_shape(rows, cols)
     d_tiles, d_warps, d_prefetch = _LAUNCH_DEFAULTS[_RULE_IDS[rule] != 0, round == "stochastic"]
@@ -480,16 +565,18 @@ def quantize_triton(
             )
         if validate and not bool(((uniform >= 0) & (uniform < 1)).all()):
             raise ValueError("stochastic rounding uniforms must lie in [0, 1)")
-        u = uniform if uniform.stride(-1) == 1 else uniform.contiguous()
+        u = uniform
     values = torch.empty((prow, pcol // 2), dtype=torch.uint8, device=x.device)
     sf = torch.empty((prow * pcol // BLOCK_SIZE,), dtype=torch.uint8, device=x.device)
+    xw, kind = _kernel_input(x)
+    uw = _kernel_input(u)[0] if round == "stochastic" else xw
     grid = (prow // (br * tiles), pcol // bc)
     _quantize_kernel[grid](
-        x, u, values.view(torch.int64), sf, amax,
-        rows, cols, x.stride(0), u.stride(0), pcol // BLOCK_SIZE, pcol // BLOCK_SIZE,
+        xw, uw, values.view(torch.int64), sf, amax,
+        rows, cols, xw.stride(0), uw.stride(0), pcol // BLOCK_SIZE, pcol // BLOCK_SIZE,
         BLOCK_R=br, BLOCK_C=bc, TILES=tiles, RULE=_RULE_IDS[rule], STOCHASTIC=round == "stochastic",
-        E2M1_MAX=e2m1_max, E4M3_MAX=e4m3_max, PREFETCH=prefetch, num_warps=num_warps,
-        **_LAUNCH_OPTIONS,
+        E2M1_MAX=e2m1_max, E4M3_MAX=e4m3_max, PREFETCH=prefetch, KIND=kind,
+        EVEN=(rows, cols) == (prow, pcol), num_warps=num_warps, **_LAUNCH_OPTIONS,
     )
     return NVFP4Tensor(
         values=values,
