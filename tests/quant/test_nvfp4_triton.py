@@ -24,6 +24,8 @@ QUANT_CASES: dict[str, tuple[int, int, str, str, str, str, tuple[int, int] | Non
     "static6_bf16_odd_cols": (5, 33, "wide", "bfloat16", "static_6", "nearest", None),
     "static6_fp16_in": (20, 80, "gauss", "float16", "static_6", "nearest", None),
     "mse_float64_in": (9, 48, "wide", "float64", "mse", "nearest", None),
+    "static6_fp32_even": (128, 64, "wide", "float32", "static_6", "nearest", (16, 64)),
+    "mse_stochastic_bf16_even": (128, 128, "wide", "bfloat16", "mse", "stochastic", (32, 128)),
     "static4_nearest": (40, 96, "wide", "float32", "static_4", "nearest", (64, 64)),
     "mse_nearest": (100, 80, "wide", "float32", "mse", "nearest", None),
     "mse_nearest_bf16_in": (128, 128, "gauss", "bfloat16", "mse", "nearest", (128, 64)),

@@ -163,18 +163,18 @@ def _sign_bit(x):
 def _e2m1_round_stochastic(a, u):
     """Stochastic E2M1 step of a = |xs|: floor(min(a, 6)/step + u) * step, as the reference computes it.
 
-    Returns (k int32 0..7, the E2M1 magnitude). When the float32 sum rounds up to the next binade
-    (a step past the grid) the reference's thresholds give the binade's top code, hence the minimum.
+    Returns (k int32 0..7, the E2M1 magnitude). The binade comes from the biased exponent E of
+    max(a, 1) (127..129, a multiply-high): 1/step = 2^(128 - E) and the binade's first code is
+    2(E - 127). When the float32 sum rounds up to a step past the binade the reference's thresholds
+    give the next binade's first code (at most code 7), hence the two minimums.
     """
     a = tl.minimum(a, 6.0)
-    lt2 = a < 2.0
-    lt4 = a < 4.0
-    inv_step = tl.where(lt2, 2.0, tl.where(lt4, 1.0, 0.5))
-    step = tl.where(lt2, 0.5, tl.where(lt4, 1.0, 2.0))
-    n = (a * inv_step + u).to(tl.int32)
-    n = tl.minimum(n, tl.where(lt4, 4, 3))
-    k = n + tl.where(lt2, 0, tl.where(lt4, 2, 4))
-    return k, n.to(tl.float32) * step
+    be = tl.umulhi(tl.maximum(a, 1.0).to(tl.uint32, bitcast=True), 512).to(tl.int32)
+    inv_step = ((255 - be) << 23).to(tl.float32, bitcast=True)
+    n = tl.minimum((a * inv_step + u).to(tl.int32), 4)
+    first = 2 * be - 254
+    k = tl.minimum(n + first, 7)
+    return k, (k - first).to(tl.float32) * ((be - 1) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -278,20 +278,23 @@ def _pack_half(even, odd, M: tl.constexpr):
 def _load_half(ptr, r, blk, H: tl.constexpr, rows, cols, stride, KIND: tl.constexpr, EVEN: tl.constexpr):
     """Elements 8H .. 8H+7 of blocks (row r, block column blk) as float32 (even, odd) [M, 4].
 
-    KIND 0 (bfloat16) and 1 (float16) read ``ptr`` as int32 words of two elements (one 16-byte load
-    per thread; bfloat16 widens by a shift and a mask), KIND 2 (float32) as floats; ``stride`` counts
-    those units. Outside the tensor (unless EVEN says there is no outside) the elements are zero.
+    ``ptr`` holds words of two elements: int32 for KIND 0 (bfloat16, widened by a shift and a mask)
+    and 1 (float16), int64 for KIND 2 (float32); ``stride`` counts words. Each thread reads 16
+    bytes per load. Outside the tensor (unless EVEN says there is no outside) the elements are zero.
     """
     row = r.to(tl.int64)[:, None] * stride
     row_ok = (r < rows)[:, None]
-    if KIND == 2:  # strided loads: a split of one [M, 8] load would go through shared memory
-        col = (blk * 16 + 8 * H)[:, None] + 2 * tl.arange(0, 4)[None, :]
+    if KIND == 2:  # float32 read as int64 words of two elements, 16 bytes (two words) per load
+        wcol = (blk * 8 + 4 * H)[:, None] + tl.arange(0, 2)[None, :]
         if EVEN:
-            even = tl.load(ptr + row + col)
-            odd = tl.load(ptr + row + col + 1)
+            w0 = tl.load(ptr + row + wcol)
+            w1 = tl.load(ptr + row + wcol + 2)
         else:
-            even = tl.load(ptr + row + col, mask=row_ok & (col < cols), other=0.0)
-            odd = tl.load(ptr + row + col + 1, mask=row_ok & (col + 1 < cols), other=0.0)
+            w0 = tl.load(ptr + row + wcol, mask=row_ok & (2 * wcol < cols), other=0)
+            w1 = tl.load(ptr + row + wcol + 2, mask=row_ok & (2 * wcol + 4 < cols), other=0)
+        w = tl.reshape(tl.permute(tl.join(w0, w1), (0, 2, 1)), (r.shape[0], 4))
+        even = w.to(tl.int32).to(tl.float32, bitcast=True)
+        odd = (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     else:
         wcol = (blk * 8 + 4 * H)[:, None] + tl.arange(0, 4)[None, :]
         if EVEN:
@@ -481,18 +484,16 @@ _IN_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # the quant
 
 
 def _kernel_input(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """t as the quantize kernel reads it, and its KIND: bfloat16 / float16 as int32 words of two
-    elements (an odd column count gets a zero column: the reference pads with zeros, so the codes are
-    the same), float32 as is (other dtypes become float32 first, as in the reference)."""
+    """t as the quantize kernel reads it, words of two elements (int32 for bfloat16 / float16, int64
+    for float32; other dtypes become float32 first, as in the reference), and its KIND. An odd
+    column count gets a zero column: the reference pads with zeros, so the codes are the same."""
     if t.dtype not in _IN_KINDS:
         t = t.to(torch.float32)
-    if t.element_size() == 2:
-        if t.shape[1] % 2:
-            t = torch.nn.functional.pad(t, (0, 1))
-        elif t.stride(1) != 1 or t.stride(0) % 2 or t.storage_offset() % 2:
-            t = t.contiguous()
-        return t.view(torch.int32), _IN_KINDS[t.dtype]
-    return (t if t.stride(1) == 1 else t.contiguous()), _IN_KINDS[t.dtype]
+    if t.shape[1] % 2:
+        t = torch.nn.functional.pad(t, (0, 1))
+    elif t.stride(1) != 1 or t.stride(0) % 2 or t.storage_offset() % 2:
+        t = t.contiguous()
+    return t.view(torch.int32 if t.element_size() == 2 else torch.int64), _IN_KINDS[t.dtype]
 
 
 def _check_device(t: torch.Tensor) -> None:
