@@ -9,6 +9,7 @@ writes $OUT/nvfp4_launch_sweep.json when OUT is set.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -26,6 +27,10 @@ from longlive.quant.nvfp4_triton import quantize_triton  # noqa: E402
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--block-rows", type=int, nargs="+", default=[8, 16, 32], choices=[8, 16, 32],
+                        help="block rows to try (warps = rows / 4)")
+    args = parser.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -39,8 +44,8 @@ def main() -> None:
         for rule, rnd in (("static_6", "nearest"), ("mse", "nearest"), ("static_6", "stochastic"), ("mse", "stochastic")):
             sto = rnd == "stochastic"
             nbytes = n * 2 + n // 2 + n // 16 + (n * 4 if sto else 0)
-            for prefetch, tiles, (block_rows, warps) in itertools.product((False, True), (1, 2, 4, 8),
-                                                                          ((8, 2), (16, 4), (32, 8))):
+            for prefetch, tiles, block_rows in itertools.product((False, True), (1, 2, 4, 8), args.block_rows):
+                warps = block_rows // 4
                 if block_rows * tiles > 128:
                     continue
                 it = itertools.count()
