@@ -122,12 +122,16 @@ def _child() -> dict[str, object]:
     xs = xs * torch.where(torch.rand(4096, 8, generator=g) < 0.5, -1.0, 1.0)
     xs[:16, ::2] = -xs[:16, ::2]
     xs[16:24, ::2] = -0.0
-    words = torch.empty(4096, dtype=torch.int32)
-    _probe_sign[(4096 // 128,)](xs.contiguous(), words, BLOCK=128)
+    xs = xs.to(torch.bfloat16).float()  # the same values in both kernels' inputs
     k = nv.round_to_e2m1_codes(xs.abs()).to(torch.int32)
     ref_codes = (k + 8 * ((xs < 0) & (k > 0)).to(torch.int32)).to(torch.uint8)
     ref_words = nv.pack_e2m1(ref_codes).view(torch.int32).reshape(-1)
-    out["signed_codes"] = bool(torch.equal(words, ref_words))
+    words = torch.empty(4096, dtype=torch.int32)
+    _probe_sign[(4096 // 128,)](xs.contiguous(), words, BLOCK=128, WORDS=False)
+    words16 = torch.empty(4096, dtype=torch.int32)
+    _probe_sign[(4096 // 128,)](xs.to(torch.bfloat16).view(torch.int16).contiguous().view(torch.int32),
+                                words16, BLOCK=128, WORDS=True)
+    out["signed_codes"] = bool(torch.equal(words, ref_words)) and bool(torch.equal(words16, ref_words))
 
     for i, (name, (rows, cols, kind, dtype, rule, rnd, block)) in enumerate(QUANT_CASES.items()):
         br, bc = block or (None, None)
@@ -253,13 +257,21 @@ if __name__ == "__main__":
         tl.store(rs_ptr + offs, r, mask=m)
 
     @triton.jit
-    def _probe_sign(x_ptr, word_ptr, BLOCK: tl.constexpr):
+    def _probe_sign(x_ptr, word_ptr, BLOCK: tl.constexpr, WORDS: tl.constexpr):
+        """8 values per row -> one packed word, from float32 values or bfloat16 pairs in int32 words."""
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        offs = rows[:, None] * 8 + 2 * tl.arange(0, 4)[None, :]
-        xe = tl.load(x_ptr + offs)
-        xo = tl.load(x_ptr + offs + 1)
-        ce, _ = nt._e2m1_round_bits(tl.abs(xe), nt._sign_bit(xe))
-        co, _ = nt._e2m1_round_bits(tl.abs(xo), nt._sign_bit(xo))
-        tl.store(word_ptr + rows, nt._clear_negative_zeros(nt._pack_half(ce, co, BLOCK)))
+        if WORDS:
+            w = tl.load(x_ptr + rows[:, None] * 4 + tl.arange(0, 4)[None, :])
+            xe = (w << 16).to(tl.float32, bitcast=True)
+            xo = (w & -65536).to(tl.float32, bitcast=True)
+            signs = nt._pair_signs(w)
+        else:
+            offs = rows[:, None] * 8 + 2 * tl.arange(0, 4)[None, :]
+            xe = tl.load(x_ptr + offs)
+            xo = tl.load(x_ptr + offs + 1)
+            signs = nt._float_signs(xe, xo)
+        ce, _ = nt._e2m1_round_bits(tl.abs(xe))
+        co, _ = nt._e2m1_round_bits(tl.abs(xo))
+        tl.store(word_ptr + rows, nt._clear_negative_zeros(nt._pack_half(ce, co, signs, BLOCK)))
 
     print(RESULT_TAG + json.dumps(_child()), flush=True)

@@ -125,23 +125,22 @@ def _scale_offsets(row, scol, scale_cols):
 
 
 @triton.jit
-def _e2m1_round_bits(a, neg):
+def _e2m1_round_bits(a):
     """Nearest E2M1 step of a = |xs| (float32, finite, >= 0), ties to even, saturating at 6.
 
-    Returns (bits, value): the low nibble of the int32 `bits` is the code, with the sign bit 3 set
-    where neg (int32 0/1) is 1; bits 4-22 are zero and bits 23-31 are not (mask or shift them away);
-    `value` is the E2M1 magnitude. The sum t = a + m, with m = 2^22 / 2^23 / 2^24 (for a below 2 /
-    4 / 8, from the biased exponent E of max(a, 1)) plus (2(E - 127) + 8 neg) units in its last
-    place, rounds to nearest-even by itself: the float32 unit in the last place of m is the E2M1
-    spacing of the binade (0.5, 1, 2), and the added units are even so the tie parity is that of the
-    step count. t's mantissa then reads the binade's first code 2(E - 127) plus the steps, plus 8 for
-    negatives. E and the sign come from multiply-high and m from one multiply-add: those run on the
-    FMA pipe, while the integer/logic pipe, which issues at half rate, is this kernel's limit. Needs
-    FMA contraction off (``enable_fp_fusion=False``), which every launch sets.
+    Returns (bits, value): the low nibble of the int32 `bits` is the code (0..7), bits 4-22 are zero
+    and bits 23-31 are not (mask or shift them away); `value` is the E2M1 magnitude. The sum
+    t = a + m, with m = 2^22 / 2^23 / 2^24 (for a below 2 / 4 / 8, from the biased exponent E of
+    max(a, 1)) plus 2(E - 127) units in its last place, rounds to nearest-even by itself: the float32
+    unit in the last place of m is the E2M1 spacing of the binade (0.5, 1, 2), and the added units
+    are even so the tie parity is that of the step count. t's mantissa then reads the binade's first
+    code 2(E - 127) plus the steps. E comes from a multiply-high and m from one multiply-add: those
+    run on the FMA pipe, while the integer/logic pipe, which issues at half rate, is this kernel's
+    limit. Needs FMA contraction off (``enable_fp_fusion=False``), which every launch sets.
     """
     a = tl.minimum(a, 6.0)
     be = tl.umulhi(tl.maximum(a, 1.0).to(tl.uint32, bitcast=True), 512).to(tl.int32)  # 127..129
-    magic = (be * 8388610 + (neg * 8 + ((22 << 23) - 254))).to(tl.float32, bitcast=True)
+    magic = (be * 8388610 + ((22 << 23) - 254)).to(tl.float32, bitcast=True)
     t = a + magic
     return t.to(tl.int32, bitcast=True), t - magic
 
@@ -149,14 +148,23 @@ def _e2m1_round_bits(a, neg):
 @triton.jit
 def _e2m1_round(a):
     """Nearest E2M1 step of a = |xs| (ties to even, saturating at 6): (code 0..7 int32, magnitude)."""
-    bits, value = _e2m1_round_bits(a, 0)
+    bits, value = _e2m1_round_bits(a)
     return bits & 7, value
 
 
 @triton.jit
-def _sign_bit(x):
-    """1 where float32 x has its sign bit set, else 0 (int32; a multiply-high, not a shift)."""
-    return tl.umulhi(x.to(tl.uint32, bitcast=True), 2).to(tl.int32)
+def _pair_signs(w):
+    """Sign bits 8 and 128 of the output byte of int32 words w holding two 16-bit floats (the even
+    element's sign is bit 15, the odd one's bit 31): one mask and one multiply-high by 2^20 + 2^8,
+    which moves bit 15 to 3 and bit 31 to 7 (and a copy of bit 31 to 19, which the packing drops)."""
+    return tl.umulhi((w & -2147450880).to(tl.uint32), 1048832).to(tl.int32)  # 0x80008000, 0x100100
+
+
+@triton.jit
+def _float_signs(even, odd):
+    """Sign bits 8 and 128 of the output byte of float32 (even, odd) pairs."""
+    return (tl.umulhi(even.to(tl.uint32, bitcast=True), 2) * 8
+            + tl.umulhi(odd.to(tl.uint32, bitcast=True), 2) * 128).to(tl.int32)
 
 
 @triton.jit
@@ -209,14 +217,14 @@ def _block_scale(bmax, k, dec):
 
 
 @triton.jit
-def _pair_round(x, u, neg, inv, STOCHASTIC: tl.constexpr):
-    """E2M1 rounding of one element of each pair [M, 4]: (code bits as `_e2m1_round_bits`, magnitude)."""
+def _pair_round(x, u, inv, STOCHASTIC: tl.constexpr):
+    """E2M1 magnitude code of one element of each pair [M, 4] (low nibble, as `_e2m1_round_bits`)
+    and the magnitude."""
     a = tl.abs(x * inv[:, None])
     if STOCHASTIC:
-        k, r = _e2m1_round_stochastic(a, u)
-        bits = k + neg * 8
+        bits, r = _e2m1_round_stochastic(a, u)
     else:
-        bits, r = _e2m1_round_bits(a, neg)
+        bits, r = _e2m1_round_bits(a)
     return bits, r
 
 
@@ -261,13 +269,14 @@ def _candidate_error(rea, roa, reb, rob, sb, dec, ea, oa, eb, ob, RULE: tl.const
 
 
 @triton.jit
-def _pack_half(even, odd, M: tl.constexpr):
-    """Pack the code bits of half a block (even and odd elements, [M, 4] each, the code in the low
-    nibble, garbage from bit 23 up) into one int32 per block, low nibble first.
+def _pack_half(even, odd, signs, M: tl.constexpr):
+    """Pack the magnitude codes of half a block (even and odd elements, [M, 4] each, the code in the
+    low nibble, garbage from bit 23 up) and the sign bits of each byte (`_pair_signs`) into one int32
+    per block, low nibble first.
 
-    The shift-adds never carry into a lower field (bits 4-22 of every input are zero), so the garbage
+    The shift-adds never carry into a lower field (bits 4-18 of every input are zero), so the garbage
     stays above each field and one mask per 16 bits removes it."""
-    b = even + (odd << 4)  # byte j = elements 2j, 2j+1
+    b = even + (odd << 4) + signs  # byte j = elements 2j, 2j+1
     lo, hi = tl.split(tl.reshape(b, (M, 2, 2)))
     h = lo + (hi << 8)
     lo, hi = tl.split(h)
@@ -276,7 +285,8 @@ def _pack_half(even, odd, M: tl.constexpr):
 
 @triton.jit
 def _load_half(ptr, r, blk, H: tl.constexpr, rows, cols, stride, KIND: tl.constexpr, EVEN: tl.constexpr):
-    """Elements 8H .. 8H+7 of blocks (row r, block column blk) as float32 (even, odd) [M, 4].
+    """Elements 8H .. 8H+7 of blocks (row r, block column blk) as float32 (even, odd) [M, 4], and
+    the sign bits of each output byte (8 for the even element, 128 for the odd one).
 
     ``ptr`` holds words of two elements: int32 for KIND 0 (bfloat16, widened by a shift and a mask)
     and 1 (float16), int64 for KIND 2 (float32); ``stride`` counts words. Each thread reads 16
@@ -295,6 +305,7 @@ def _load_half(ptr, r, blk, H: tl.constexpr, rows, cols, stride, KIND: tl.conste
         w = tl.reshape(tl.permute(tl.join(w0, w1), (0, 2, 1)), (r.shape[0], 4))
         even = w.to(tl.int32).to(tl.float32, bitcast=True)
         odd = (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        signs = _float_signs(even, odd)
     else:
         wcol = (blk * 8 + 4 * H)[:, None] + tl.arange(0, 4)[None, :]
         if EVEN:
@@ -307,48 +318,48 @@ def _load_half(ptr, r, blk, H: tl.constexpr, rows, cols, stride, KIND: tl.conste
         else:
             even = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             odd = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return even, odd
+        signs = _pair_signs(w)
+    return even, odd, signs
 
 
 @triton.jit
 def _load_tile(x_ptr, u_ptr, r, blk, rows, cols, stride_x, stride_u,
                KIND: tl.constexpr, STOCHASTIC: tl.constexpr, EVEN: tl.constexpr):
-    """The tile's blocks as four float32 [M, 4] parts (even and odd elements of each half), and
-    their uniforms (else the parts again)."""
-    ea, oa = _load_half(x_ptr, r, blk, 0, rows, cols, stride_x, KIND, EVEN)
-    eb, ob = _load_half(x_ptr, r, blk, 1, rows, cols, stride_x, KIND, EVEN)
+    """The tile's blocks as four float32 [M, 4] parts (even and odd elements of each half), the sign
+    bits of each half's bytes, and the parts' uniforms (else the parts again)."""
+    ea, oa, sa = _load_half(x_ptr, r, blk, 0, rows, cols, stride_x, KIND, EVEN)
+    eb, ob, sb = _load_half(x_ptr, r, blk, 1, rows, cols, stride_x, KIND, EVEN)
     if STOCHASTIC:
-        uea, uoa = _load_half(u_ptr, r, blk, 0, rows, cols, stride_u, 2, EVEN)
-        ueb, uob = _load_half(u_ptr, r, blk, 1, rows, cols, stride_u, 2, EVEN)
+        uea, uoa, _ = _load_half(u_ptr, r, blk, 0, rows, cols, stride_u, 2, EVEN)
+        ueb, uob, _ = _load_half(u_ptr, r, blk, 1, rows, cols, stride_u, 2, EVEN)
     else:
         uea, uoa, ueb, uob = ea, oa, eb, ob
-    return ea, oa, eb, ob, uea, uoa, ueb, uob
+    return ea, oa, eb, ob, sa, sb, uea, uoa, ueb, uob
 
 
 @triton.jit
-def _candidate_half(e, o, ue, uo, ne, no, inv, STOCHASTIC: tl.constexpr):
-    ce, re = _pair_round(e, ue, ne, inv, STOCHASTIC)
-    co, ro = _pair_round(o, uo, no, inv, STOCHASTIC)
+def _candidate_half(e, o, ue, uo, inv, STOCHASTIC: tl.constexpr):
+    ce, re = _pair_round(e, ue, inv, STOCHASTIC)
+    co, ro = _pair_round(o, uo, inv, STOCHASTIC)
     return ce, co, re, ro
 
 
 @triton.jit
 def _quantize_tile(
-    ea, oa, eb, ob, uea, uoa, ueb, uob, words_ptr, scales_ptr, r, blk, k, k4, dec, words_per_row, scale_cols,
-    M: tl.constexpr, RULE: tl.constexpr, STOCHASTIC: tl.constexpr,
+    ea, oa, eb, ob, sa, sb_, uea, uoa, ueb, uob, words_ptr, scales_ptr, r, blk, k, k4, dec, words_per_row,
+    scale_cols, M: tl.constexpr, RULE: tl.constexpr, STOCHASTIC: tl.constexpr,
 ):
     """Quantize the M blocks (row r, block column blk), loaded by `_load_tile`, with the per-tensor
     factors k, k4, dec."""
     bmax = tl.maximum(tl.maximum(tl.max(tl.abs(ea), axis=1), tl.max(tl.abs(oa), axis=1)),
                       tl.maximum(tl.max(tl.abs(eb), axis=1), tl.max(tl.abs(ob), axis=1)))
-    nea, noa, neb, nob = _sign_bit(ea), _sign_bit(oa), _sign_bit(eb), _sign_bit(ob)
     sb_code, sb, inv = _block_scale(bmax, k, dec)
-    cea, coa, rea, roa = _candidate_half(ea, oa, uea, uoa, nea, noa, inv, STOCHASTIC)
-    ceb, cob, reb, rob = _candidate_half(eb, ob, ueb, uob, neb, nob, inv, STOCHASTIC)
+    cea, coa, rea, roa = _candidate_half(ea, oa, uea, uoa, inv, STOCHASTIC)
+    ceb, cob, reb, rob = _candidate_half(eb, ob, ueb, uob, inv, STOCHASTIC)
     if RULE != 0:
         sb_code4, sb4, inv4 = _block_scale(bmax, k4, dec)
-        cea4, coa4, rea4, roa4 = _candidate_half(ea, oa, uea, uoa, nea, noa, inv4, STOCHASTIC)
-        ceb4, cob4, reb4, rob4 = _candidate_half(eb, ob, ueb, uob, neb, nob, inv4, STOCHASTIC)
+        cea4, coa4, rea4, roa4 = _candidate_half(ea, oa, uea, uoa, inv4, STOCHASTIC)
+        ceb4, cob4, reb4, rob4 = _candidate_half(eb, ob, ueb, uob, inv4, STOCHASTIC)
         err6 = _candidate_error(rea, roa, reb, rob, sb, dec, ea, oa, eb, ob, RULE, M)
         err4 = _candidate_error(rea4, roa4, reb4, rob4, sb4, dec, ea, oa, eb, ob, RULE, M)
         pick4 = err4 < err6  # ties keep the max->6 candidate
@@ -357,8 +368,8 @@ def _quantize_tile(
         ceb = tl.where(pick4[:, None], ceb4, ceb)
         cob = tl.where(pick4[:, None], cob4, cob)
         sb_code = tl.where(pick4, sb_code4, sb_code)
-    wa = _clear_negative_zeros(_pack_half(cea, coa, M))
-    wb = _clear_negative_zeros(_pack_half(ceb, cob, M))
+    wa = _clear_negative_zeros(_pack_half(cea, coa, sa, M))
+    wb = _clear_negative_zeros(_pack_half(ceb, cob, sb_, M))
     word = wa.to(tl.uint32).to(tl.int64) | (wb.to(tl.int64) << 32)
     tl.store(words_ptr + r.to(tl.int64) * words_per_row + blk, word)
     tl.store(scales_ptr + _scale_offsets(r, blk, scale_cols), sb_code.to(tl.uint8))
@@ -395,8 +406,8 @@ def _quantize_kernel(
     for t in tl.static_range(TILES):
         if PREFETCH and t + 1 < TILES:  # the next tile's loads go out before this tile's arithmetic
             nxt = _load_tile(x_ptr, u_ptr, r + BLOCK_R, blk, rows, cols, stride_x, stride_u, KIND, STOCHASTIC, EVEN)
-        ea, oa, eb, ob, uea, uoa, ueb, uob = tile
-        _quantize_tile(ea, oa, eb, ob, uea, uoa, ueb, uob, words_ptr, scales_ptr, r, blk, k, k4, dec,
+        ea, oa, eb, ob, sa, sb, uea, uoa, ueb, uob = tile
+        _quantize_tile(ea, oa, eb, ob, sa, sb, uea, uoa, ueb, uob, words_ptr, scales_ptr, r, blk, k, k4, dec,
                        words_per_row, scale_cols, M, RULE, STOCHASTIC)
         if t + 1 < TILES:
             r += BLOCK_R
@@ -459,13 +470,14 @@ def _dequantize_kernel(
 # Host wrappers
 
 
-# (four over six, stochastic) -> (tiles per program, warps, prefetch): the best of a sweep on an H200
-# (tiles 1-8 x warps 4/8 x prefetch, three 5B shapes; docs/nvfp4.md)
+# (four over six, stochastic) -> (tile rows, tiles per program, prefetch): the best of a sweep on an H200
+# (benchmarks/nvfp4_launch_sweep.py: rows 8 / 16 x tiles 1-8 x prefetch, three 5B shapes; docs/nvfp4.md).
+# The warps default to one block per thread.
 _LAUNCH_DEFAULTS = {
-    (False, False): (4, 4, True),
-    (False, True): (2, 4, True),
-    (True, False): (2, 4, False),
-    (True, True): (8, 8, True),
+    (False, False): (8, 2, True),
+    (False, True): (16, 1, True),
+    (True, False): (8, 4, True),
+    (True, True): (8, 2, True),
 }
 
 
@@ -525,9 +537,9 @@ def quantize_triton(
     with ``validate=False`` non-finite inputs give undefined codes. A caller-supplied ``amax``
     (float32, must equal max|x|, else values saturate) skips the reduction pass.
     ``block_rows`` x ``block_cols`` (a tile), ``tiles`` (tiles per program, stacked along rows;
-    fewer than the default if 128 rows are exceeded), ``num_warps`` and ``prefetch`` (load the next
-    tile before this one's arithmetic) tune the launch, not the result; the defaults
-    (`_LAUNCH_DEFAULTS`) are the best measured per rule kind and rounding.
+    fewer than the default if 128 rows are exceeded), ``num_warps`` (default: one block per thread)
+    and ``prefetch`` (load the next tile before this one's arithmetic) tune the launch, not the
+    result; the defaults (`_LAUNCH_DEFAULTS`) are the best measured per rule kind and rounding.
     """
     e2m1_max, e4m3_max = rule_maxima(rule)
     if round not in ("nearest", "stochastic"):
@@ -537,12 +549,13 @@ def quantize_triton(
     _check_device(x)
     rows, cols = x.shape
     prow, pcol = padded_shape(rows, cols)
-    d_tiles, d_warps, d_prefetch = _LAUNCH_DEFAULTS[_RULE_IDS[rule] != 0, round == "stochastic"]
+    d_rows, d_tiles, d_prefetch = _LAUNCH_DEFAULTS[_RULE_IDS[rule] != 0, round == "stochastic"]
+    block_rows = block_rows or d_rows
     if tiles is None:
-        tiles = max(1, min(d_tiles, 128 // (block_rows or 16)))
-    num_warps = d_warps if num_warps is None else num_warps
+        tiles = max(1, min(d_tiles, 128 // block_rows))
     prefetch = d_prefetch if prefetch is None else prefetch
     br, bc = _block_shape(pcol, block_rows, block_cols, tiles)
+    num_warps = num_warps or max(1, br * bc // 512)  # one block (16 elements) per thread
     if amax is None:
         amax = torch.linalg.vector_norm(x.detach(), ord=math.inf).to(torch.float32).reshape(1)
     elif amax.dtype != torch.float32 or amax.numel() != 1 or amax.device != x.device:
