@@ -474,10 +474,10 @@ def _dequantize_kernel(
 # (benchmarks/nvfp4_launch_sweep.py: rows 8 / 16 x tiles 1-8 x prefetch, three 5B shapes; docs/nvfp4.md).
 # The warps default to one block per thread.
 _LAUNCH_DEFAULTS = {
-    (False, False): (8, 2, True),
-    (False, True): (16, 1, True),
-    (True, False): (8, 4, True),
-    (True, True): (8, 2, True),
+    (False, False): (8, 2, False),
+    (False, True): (8, 1, True),
+    (True, False): (8, 2, False),
+    (True, True): (8, 1, False),
 }
 
 
