@@ -16,7 +16,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,9 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import commit  # noqa: E402
 
 from longlive.quant import nvfp4 as nv  # noqa: E402
 from longlive.quant.nvfp4_triton import dequantize_triton, quantize_triton  # noqa: E402
@@ -238,14 +240,6 @@ def summary(perf: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main() -> int:
     """Run the checks and timings; exit code 1 if any bit mismatch was found."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -271,7 +265,7 @@ def main() -> int:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
-        "commit": _commit(),
+        "commit": commit(),
         "all_exact": all(r["exact"] for r in exact),
         "n_exact_cases": len(exact),
         "mismatches": [r for r in exact if not r["exact"]],
