@@ -587,13 +587,15 @@ def quantize_triton(
     xw, kind = _kernel_input(x)
     uw = _kernel_input(u)[0] if round == "stochastic" else xw
     grid = (prow // (br * tiles), pcol // bc)
+    options = dict(_LAUNCH_OPTIONS)
+    if maxnreg and x.device.type == "cuda":
+        options.setdefault("maxnreg", maxnreg)
     _quantize_kernel[grid](
         xw, uw, values.view(torch.int64), sf, amax,
         rows, cols, xw.stride(0), uw.stride(0), pcol // BLOCK_SIZE, pcol // BLOCK_SIZE,
         BLOCK_R=br, BLOCK_C=bc, TILES=tiles, RULE=_RULE_IDS[rule], STOCHASTIC=round == "stochastic",
         E2M1_MAX=e2m1_max, E4M3_MAX=e4m3_max, PREFETCH=prefetch, KIND=kind,
-        EVEN=(rows, cols) == (prow, pcol), num_warps=num_warps, **_LAUNCH_OPTIONS,
-        **({"maxnreg": maxnreg} if maxnreg and x.device.type == "cuda" else {}),
+        EVEN=(rows, cols) == (prow, pcol), num_warps=num_warps, **options,
     )
     return NVFP4Tensor(
         values=values,
