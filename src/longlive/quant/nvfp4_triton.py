@@ -3,7 +3,7 @@
 They follow the order of operations documented in :mod:`longlive.quant.nvfp4` exactly. To stay
 bit-exact on every backend (GPU and the CPU interpreter) the kernels avoid conversions whose
 rounding differs between them: float32 -> E4M3 and float32 -> bfloat16 are done with integer bit
-operations, and E2M1 (and E4M3-subnormal) rounding with one float32 addition of a power of two whose
+operations, and E2M1 (and E4M3-subnormal) rounding with one float32 addition of a number whose
 unit in the last place is the grid spacing (IEEE round-to-nearest-even does the rounding); divisions
 use ``tl.math.div_rn`` and FMA contraction is disabled at launch, so nothing is fused into those
 additions. Only features present in Triton 3.6 are used. docs/nvfp4.md has the layout and the timings.
@@ -388,10 +388,10 @@ def _quantize_kernel(
     A tile is held as M = BLOCK_R * BLOCK_C / 16 blocks, each loaded as two halves of 8 elements
     split into even and odd elements (`_load_half`), so that a block's elements stay in one thread
     (block max, error sums and nibble packing need no shuffles) and an even and an odd element are
-    the two nibbles of one output byte. The per-tensor factors are computed once per program from amax with the
-    reference's divisions; the unrolled tiles give the scheduler independent work to overlap with
-    the loads, and with PREFETCH the next tile's loads are issued before this tile's arithmetic.
-    EVEN (the tensor fills the padded shape) drops the bounds masks.
+    the two nibbles of one output byte. The per-tensor factors are computed once per program from
+    amax with the reference's divisions; the unrolled tiles give the scheduler independent work to
+    overlap with the loads, and with PREFETCH the next tile's loads are issued before this tile's
+    arithmetic. EVEN (the tensor fills the padded shape) drops the bounds masks.
     """
     NB: tl.constexpr = BLOCK_C // 16
     M: tl.constexpr = BLOCK_R * NB
