@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nvfp4_kernels import BENCH_SHAPES, L2_COLD_BYTES, _data, copy_bandwidth, time_graph  # noqa: E402
+from report import commit  # noqa: E402
 
 from longlive.quant.nvfp4_triton import quantize_triton  # noqa: E402
 
@@ -64,7 +65,8 @@ def main() -> None:
                       f"{t * 1e6:7.1f} us {nbytes / t / bw:.3f}", flush=True)
     if os.environ.get("OUT"):
         with open(Path(os.environ["OUT"]) / "nvfp4_launch_sweep.json", "w") as f:
-            json.dump({"copy_GBps": bw / 1e9, "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+            json.dump({"commit": commit(), "copy_GBps": bw / 1e9, "device": torch.cuda.get_device_name(dev),
+                       "torch": torch.__version__,
                        "rows": rows_out}, f, indent=1)
 
 
