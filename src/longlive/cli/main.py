@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # name -> (module, one-line help). Keep sorted by name.
@@ -55,5 +56,25 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.run(sub_args) or 0)
 
 
+def entry() -> None:
+    """The `longlive` command: `main`, then exit without tearing the interpreter down after a process group.
+
+    torch keeps a destroyed process group's C++ object (and its gloo worker threads) alive until the
+    interpreter finalises; a worker that drops the last reference to a Python-owned tensor of a
+    just-finished collective then needs the GIL, finds the interpreter gone and aborts the process
+    ("terminate called without an active exception", exit -6) after the work has succeeded. So once a
+    process group was started, and only when `main` returned, the output is flushed and the process
+    leaves with `os._exit`. Exceptions take the normal path (traceback, non-zero status).
+    """
+    rc = main()
+    mesh = sys.modules.get("longlive.parallel.mesh")  # not imported: no process group was started
+    if mesh is not None and mesh.process_group_started():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -17,6 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .mesh import start_process_group
 from .sequence import UlyssesGroup
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,8 @@ def init_inference_parallel(sp_size: int, dp_size: int | None, auto_sp_remainder
     owns = not dist.is_initialized()
     if owns:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30),
-                                device_id=device if device.type == "cuda" else None)
+        start_process_group(backend, timeout=timedelta(minutes=30),
+                            device_id=device if device.type == "cuda" else None)
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = plan_groups(world, sp_size, dp_size, auto_sp_remainder, num_heads, chunk_frames)
     index = next(i for i, g in enumerate(groups) if rank in g)

@@ -18,6 +18,20 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 log = logging.getLogger(__name__)
 
+_started_process_group = False
+
+
+def start_process_group(backend: str, **kwargs) -> None:
+    """`dist.init_process_group`, remembered for the CLI's exit (`longlive.cli.main.entry`)."""
+    global _started_process_group
+    dist.init_process_group(backend, **kwargs)
+    _started_process_group = True
+
+
+def process_group_started() -> bool:
+    """Whether this process started a process group (its gloo / NCCL threads may outlive it)."""
+    return _started_process_group
+
 
 @dataclass
 class ParallelContext:
@@ -81,9 +95,9 @@ def init_parallel(sp_size: int, sharding_strategy: str = "full", device: str | t
     if owns:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, timeout=timedelta(minutes=30), device_id=device if device.type == "cuda" else None)
+            start_process_group(backend, timeout=timedelta(minutes=30), device_id=device if device.type == "cuda" else None)
         else:  # a single process without torchrun
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            start_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world % sp_size:
         raise ValueError(f"infra.sequence_parallel_size {sp_size} does not divide the world size {world} "
