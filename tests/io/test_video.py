@@ -84,6 +84,33 @@ def test_fragmented_file_is_valid_after_each_append(tmp_path: Path) -> None:
     assert kinds == ["ftyp", "moov", "moof", "mdat", "moof", "mdat"]
 
 
+def test_chunk_appended_in_pieces_is_one_fragment_starting_at_a_keyframe(tmp_path: Path) -> None:
+    """`end_fragment=False` encodes without writing; the chunk's pieces become one fragment with one
+    keyframe, and `close` writes a fragment still in progress instead of dropping it."""
+    import av
+
+    path = tmp_path / "pieces.mp4"
+    writer = Mp4Writer(path, fps=8, faststart=False)
+    levels = [40, 80, 120, 160, 200]
+    writer.append(np.full((1, H, W, 3), levels[0], np.uint8), end_fragment=False)
+    writer.append(np.full((4, H, W, 3), levels[1], np.uint8), end_fragment=False)
+    assert not path.exists() or path.stat().st_size == 0  # encoded, nothing written yet
+    writer.append(np.full((4, H, W, 3), levels[2], np.uint8))  # ends chunk 0: 9 frames
+    assert probe_video(path).num_frames == 9
+    writer.append(np.full((4, H, W, 3), levels[3], np.uint8), end_fragment=False)
+    writer.append(np.full((4, H, W, 3), levels[4], np.uint8), end_fragment=False)
+    writer.close()  # chunk 1 (8 frames) still open: written by close
+    assert writer.frames_written == 17
+    kinds = [k for k, _, _ in _top_level_boxes(path.read_bytes())]
+    assert kinds == ["ftyp", "moov", "moof", "mdat", "moof", "mdat"]
+    with av.open(str(path)) as f:
+        keyframes = [p.is_keyframe for p in f.demux(f.streams.video[0]) if p.dts is not None]
+    assert [i for i, k in enumerate(keyframes) if k] == [0, 9]
+    got = ((read_video(path) + 1) / 2 * 255).mean(dim=(0, 2, 3))
+    want = torch.tensor([levels[0]] + [levels[1]] * 4 + [levels[2]] * 4 + [levels[3]] * 4 + [levels[4]] * 4, dtype=torch.float32)
+    torch.testing.assert_close(got, want, atol=2, rtol=0)
+
+
 def test_resample_indices_and_resize(tmp_path: Path) -> None:
     assert resample_indices(10, 30, 24) == [0, 1, 2, 4, 5, 6, 8, 9]  # round(i * 1.25), half to even
     assert resample_indices(100, 30, 24, start=3, count=4) == [3, 4, 5, 7]

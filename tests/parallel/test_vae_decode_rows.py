@@ -46,9 +46,13 @@ class _Frames:
 
     def __init__(self) -> None:
         self.frames: list[torch.Tensor] = []
+        self._open: list[torch.Tensor] = []
 
-    def append(self, frames: torch.Tensor) -> None:
-        self.frames.append(frames.clone())
+    def append(self, frames: torch.Tensor, end_fragment: bool = True) -> None:
+        self._open.append(frames.clone())
+        if end_fragment:
+            self.frames.append(torch.cat(self._open))
+            self._open = []
 
 
 # --------------------------------------------------------------------------------------------- worker side

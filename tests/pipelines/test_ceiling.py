@@ -24,7 +24,11 @@ def test_ceiling_adds_up_the_timed_calls() -> None:
     """With a timer that reports each call's output size, the chunk time is exactly the spec's sum."""
     cfg = WanConfig.preset("tiny")
     s = CeilingShape.for_chunk(cfg, tokens_per_frame=16, chunk_frames=4, window_frames=12, steps=2)
-    timer = lambda fn: fn().numel() * 1e-6  # noqa: E731
+
+    def timer(fn):
+        out = fn()
+        return 1.0 if out is None else out.numel() * 1e-6  # the sustained chunk returns nothing
+
     r = measure_ceiling(s, torch.device("cpu"), torch.float32, pixel_frames_per_chunk=16, timer=timer)
     dd, ffn1, ffn2 = s.tokens * s.dim, s.tokens * s.ffn_dim, s.tokens * s.dim
     attn = cross = s.heads * s.tokens * s.head_dim  # attention outputs have the queries' shape
@@ -33,6 +37,35 @@ def test_ceiling_adds_up_the_timed_calls() -> None:
     assert r["chunk_seconds"] == pytest.approx(layer * cfg.num_layers * 3)
     assert r["fps"] == pytest.approx(16 / (layer * cfg.num_layers * 3))
     assert r["self_attention_backend"] == "default" and r["shape"]["kv_tokens"] == 12 * 16
+
+
+def test_sustained_ceiling_runs_every_call_of_the_chunk_back_to_back() -> None:
+    """The sustained chunk makes the layer's 8 products and 2 attention calls for every layer and forward."""
+    from collections import Counter
+
+    from torch.overrides import TorchFunctionMode
+
+    cfg = WanConfig.preset("tiny")
+    s = CeilingShape.for_chunk(cfg, tokens_per_frame=16, chunk_frames=4, window_frames=12, steps=2)
+    calls: list[Counter] = []
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls[-1][getattr(func, "__name__", str(func))] += 1
+            return func(*args, **(kwargs or {}))
+
+    def timer(fn):
+        calls.append(Counter())
+        with Count():
+            fn()
+        return 1e-3 * len(calls)  # the sustained chunk is timed last
+
+    r = measure_ceiling(s, torch.device("cpu"), torch.float32, pixel_frames_per_chunk=16, timer=timer)
+    chunk_calls = s.layers * s.forwards
+    assert calls[-1]["matmul"] == 8 * chunk_calls
+    assert calls[-1]["scaled_dot_product_attention"] == 2 * chunk_calls
+    assert r["sustained_chunk_seconds"] == pytest.approx(1e-3 * len(calls))
+    assert r["sustained_fps"] == pytest.approx(16 / r["sustained_chunk_seconds"])
 
 
 def test_fp8_ceiling_without_scaled_mm_is_a_clear_error(monkeypatch) -> None:
@@ -59,6 +92,7 @@ def test_bench_reports_the_ceiling_beside_the_loop(tmp_path, capsys) -> None:
     assert c["shape"]["tokens"] == r["tokens_per_chunk"] == 16 and c["shape"]["kv_tokens"] == 48
     assert c["shape"]["forwards"] == 3 and c["fps"] > 0
     assert r["fraction_of_ceiling"] == pytest.approx(r["denoise_fps_steady"] / c["fps"])
+    assert r["fraction_of_sustained_ceiling"] == pytest.approx(r["denoise_fps_steady"] / c["sustained_fps"])
     assert "ceiling, same chunk" in capsys.readouterr().out
 
 
@@ -70,3 +104,4 @@ def test_fp8_and_bf16_ceilings_run_on_the_gpu() -> None:
         r = measure_ceiling(s, torch.device("cuda"), torch.bfloat16, quant=quant)
         assert r["fps"] > 0 and r["self_attention_backend"] in ("cudnn", "flash", "efficient")
         assert r["chunk_seconds"] == pytest.approx(r["layer_seconds"] * 6 * 5)
+        assert r["sustained_chunk_seconds"] > 0

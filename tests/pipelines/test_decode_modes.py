@@ -49,15 +49,21 @@ def _frames_of_chunk(k: int) -> int:
 
 
 class ListSink:
-    """Keeps every appended chunk and the thread that appended it."""
+    """Keeps every appended chunk (its pieces joined), the pieces per chunk and the thread that appended."""
 
     def __init__(self) -> None:
         self.chunks: list[torch.Tensor] = []
+        self.pieces: list[int] = []
         self.threads: list[str] = []
+        self._open: list[torch.Tensor] = []
 
-    def append(self, frames: torch.Tensor) -> None:
-        self.chunks.append(frames)
+    def append(self, frames: torch.Tensor, end_fragment: bool = True) -> None:
+        self._open.append(frames.clone())  # pieces may live in reused pinned buffers: keep a copy
         self.threads.append(threading.current_thread().name)
+        if end_fragment:
+            self.chunks.append(torch.cat(self._open))
+            self.pieces.append(len(self._open))
+            self._open = []
 
 
 def _run(decoder: ChunkDecoder, z: torch.Tensor) -> None:
@@ -94,6 +100,7 @@ def test_cpu_modes_equal_whole_video_decode(vae: WanVAE, mode: str) -> None:
     assert decoder.mode == mode
     _run(decoder, z)
     _check_output(sink, decoder, expected)
+    assert sink.pieces == [CHUNK] * CHUNKS  # each latent frame's pixels handed over as decoded
     main = threading.current_thread().name
     if mode == "sync":
         assert set(sink.threads) == {main}
@@ -122,11 +129,11 @@ class _SlowSink(ListSink):
         self.fail_at, self.closed = fail_at, False
         self.release = threading.Event()
 
-    def append(self, frames: torch.Tensor) -> None:
+    def append(self, frames: torch.Tensor, end_fragment: bool = True) -> None:
         self.release.wait(WAIT)
         if self.fail_at is not None and len(self.chunks) == self.fail_at:
             raise OSError("disk full")
-        super().append(frames)
+        super().append(frames, end_fragment)
 
     def close(self) -> None:
         self.closed = True
@@ -145,6 +152,28 @@ def test_background_writer_keeps_order_bounds_its_queue_and_closes_the_sink() ->
     writer.close()
     assert sink.closed and [int(c[0, 0, 0, 0]) for c in sink.chunks] == list(range(6))
     assert len(writer.encode_seconds) == 6 and threading.current_thread().name not in sink.threads
+
+
+def test_background_writer_takes_chunks_in_pieces_and_bounds_whole_chunks() -> None:
+    sink = _SlowSink()
+    writer = BackgroundWriter(sink, maxsize=1)
+    piece = lambda i, j: torch.full((1, 2, 2, 3), 10 * i + j, dtype=torch.uint8)  # noqa: E731
+
+    def produce() -> None:
+        for i in range(3):
+            for j in range(4):
+                writer.append(piece(i, j), end_fragment=j == 3)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    producer.join(0.3)
+    # chunk 0 is in the sink (its first piece), chunk 1 waits whole in the queue; chunk 2 may not start
+    assert producer.is_alive() and writer._queue.qsize() == 3 + 4
+    sink.release.set()
+    producer.join(WAIT)
+    writer.close()
+    assert [c[:, 0, 0, 0].tolist() for c in sink.chunks] == [[10 * i + j for j in range(4)] for i in range(3)]
+    assert sink.pieces == [4, 4, 4] and len(writer.encode_seconds) == 3
 
 
 def test_background_writer_error_names_the_chunk() -> None:
@@ -194,13 +223,13 @@ class FailingSink(ListSink):
         self.fail_at, self.release = fail_at, release
         self.entered = threading.Event()
 
-    def append(self, frames: torch.Tensor) -> None:
+    def append(self, frames: torch.Tensor, end_fragment: bool = True) -> None:
         if len(self.chunks) == self.fail_at:
             self.entered.set()
             if self.release is not None:
                 assert self.release.wait(WAIT)
             raise OSError("disk full")
-        super().append(frames)
+        super().append(frames, end_fragment)
 
 
 def _close_promptly(decoder: ChunkDecoder) -> None:
@@ -262,10 +291,10 @@ def test_device_queue_is_bounded(vae: WanVAE) -> None:
     class BlockingSink(ListSink):
         entered = threading.Event()
 
-        def append(self, frames: torch.Tensor) -> None:
+        def append(self, frames: torch.Tensor, end_fragment: bool = True) -> None:
             self.entered.set()
             assert release.wait(WAIT)
-            super().append(frames)
+            super().append(frames, end_fragment)
 
     sink = BlockingSink()
     decoder = make_chunk_decoder(vae, sink, "device")
@@ -298,10 +327,10 @@ def test_device_close_without_finish_drops_queued_chunks(vae: WanVAE) -> None:
     class SlowSink(ListSink):
         entered = threading.Event()
 
-        def append(self, frames: torch.Tensor) -> None:
+        def append(self, frames: torch.Tensor, end_fragment: bool = True) -> None:
             self.entered.set()
             assert release.wait(WAIT)
-            super().append(frames)
+            super().append(frames, end_fragment)
 
     sink = SlowSink()
     decoder = make_chunk_decoder(vae, sink, "device")

@@ -6,7 +6,8 @@ imageio-ffmpeg pipes raw frames to an ffmpeg subprocess: no muxer control, and i
 more download. The writer encodes each appended chunk with one persistent libx264 encoder (zero
 latency, forced IDR at each chunk start) and muxes the chunk as its own MP4 fragment (moof+mdat),
 appended and flushed to the file at once: after `append` returns, the file on disk is a playable
-fragmented MP4 holding every appended frame. `close` remuxes it into a plain MP4 with the index at
+fragmented MP4 holding every appended frame. A chunk may be appended in pieces (`end_fragment=False`
+encodes without writing), so encoding starts before the chunk is complete. `close` remuxes it into a plain MP4 with the index at
 the front (faststart) for players that prefer one.
 """
 
@@ -127,6 +128,8 @@ class Mp4Writer:
         self._fragments = 0
         self._size: tuple[int, int] | None = None
         self._encoder: Any = None
+        self._packets: list[Any] = []  # encoded, not yet written (a fragment in progress)
+        self._pending = 0  # frames in `_packets`
         self._file: io.BufferedWriter | None = None
         self._closed = False
         self._codec = pick_h264_encoder()
@@ -154,25 +157,69 @@ class Mp4Writer:
         self._file = open(self.path, "wb")
         logger.info("writing %s (%dx%d, %s fps, %s crf %d)", self.path, width, height, self.fps, self._codec, self.crf)
 
-    def append(self, frames: torch.Tensor | np.ndarray) -> None:
-        """Encode `frames` as one MP4 fragment and write it to disk before returning."""
+    def append(self, frames: torch.Tensor | np.ndarray, *, end_fragment: bool = True) -> None:
+        """Encode `frames`; with `end_fragment` (the default) the frames encoded since the last fragment
+        become one MP4 fragment, written to disk before this returns.
+
+        `end_fragment=False` only encodes: a producer hands over a chunk in pieces as they are ready (the
+        VAE decodes 4 frames at a time), so the encoder works while the rest is made, and the chunk still
+        becomes one fragment starting at a keyframe. Encoded frames reach the file when a later append
+        ends their fragment, or at `close`.
+        """
         if self._closed:
             raise VideoFileError(f"{self.path}: append after close")
         try:
             rgb = frames_to_uint8(frames)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{self.path}: {exc}") from exc
-        if rgb.shape[0] == 0:
+        if rgb.shape[0] == 0 and not (end_fragment and self._packets):
             logger.warning("%s: append got 0 frames; nothing written", self.path)
             return
         if self._encoder is None:
             self._open_encoder(rgb.shape[1], rgb.shape[2])
-        if tuple(rgb.shape[1:3]) != self._size:
+        if rgb.shape[0] and tuple(rgb.shape[1:3]) != self._size:
             raise ValueError(f"{self.path}: frame size {rgb.shape[1:3]} differs from the first chunk's {self._size}")
         try:
-            data = self._encode_fragment(rgb)
+            self._encode(rgb)
         except av.error.FFmpegError as exc:
-            raise VideoFileError(f"{self.path}: encoding frames {self.frames_written}..: {exc}") from exc
+            raise VideoFileError(f"{self.path}: encoding frames {self.frames_written + self._pending}..: {exc}") from exc
+        if end_fragment:
+            self._write_fragment()
+
+    def _encode(self, rgb: np.ndarray) -> None:
+        """Encode frames into `self._packets` (zero latency: one packet per frame, checked at the fragment's end)."""
+        for image in rgb:
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(
+                format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG"
+            )
+            frame.pts, frame.time_base = self.frames_written + self._pending, self._encoder.time_base
+            if self._pending == 0:  # each fragment starts at a keyframe
+                frame.pict_type = av.video.frame.PictureType.I
+            self._packets.extend(self._encoder.encode(frame))
+            self._pending += 1
+
+    def _write_fragment(self) -> None:
+        """Mux the encoded frames as one fragment, append it to the file, flush (and fsync)."""
+        packets, frames = self._packets, self._pending
+        self._packets, self._pending = [], 0
+        if len(packets) != frames:
+            raise VideoFileError(f"{self.path}: encoder returned {len(packets)} packets for {frames} frames (encoder delay)")
+        buf = io.BytesIO()
+        options = {
+            "movflags": _FRAGMENT_MOVFLAGS,
+            "fragment_index": str(self._fragments + 1),
+            "avoid_negative_ts": "disabled",
+        }
+        try:
+            with av.open(buf, "w", format="mp4", options=options) as out:
+                stream = out.add_mux_stream("h264", rate=self.fps, width=self._size[1], height=self._size[0])
+                stream.time_base = 1 / self.fps
+                for packet in packets:
+                    packet.stream, packet.duration = stream, 1
+                    out.mux(packet)
+        except av.error.FFmpegError as exc:
+            raise VideoFileError(f"{self.path}: muxing frames {self.frames_written}..: {exc}") from exc
+        data = buf.getvalue()
         keep = ("moof", "mdat") if self.frames_written else ("ftyp", "moov", "moof", "mdat")
         boxes = _top_level_boxes(data)
         dropped = [kind for kind, _, _ in boxes if kind not in keep]
@@ -184,33 +231,7 @@ class Mp4Writer:
         if self.fsync:
             os.fsync(self._file.fileno())
         self._fragments += sum(kind == "moof" for kind, _, _ in boxes)
-        self.frames_written += rgb.shape[0]
-
-    def _encode_fragment(self, rgb: np.ndarray) -> bytes:
-        buf = io.BytesIO()
-        options = {
-            "movflags": _FRAGMENT_MOVFLAGS,
-            "fragment_index": str(self._fragments + 1),
-            "avoid_negative_ts": "disabled",
-        }
-        with av.open(buf, "w", format="mp4", options=options) as out:
-            stream = out.add_mux_stream("h264", rate=self.fps, width=self._size[1], height=self._size[0])
-            stream.time_base = 1 / self.fps
-            packets = 0
-            for i, image in enumerate(rgb):
-                frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(
-                    format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG"
-                )
-                frame.pts, frame.time_base = self.frames_written + i, self._encoder.time_base
-                if i == 0:
-                    frame.pict_type = av.video.frame.PictureType.I
-                for packet in self._encoder.encode(frame):
-                    packet.stream, packet.duration = stream, 1
-                    out.mux(packet)
-                    packets += 1
-        if packets != len(rgb):
-            raise VideoFileError(f"{self.path}: encoder returned {packets} packets for {len(rgb)} frames (encoder delay)")
-        return buf.getvalue()
+        self.frames_written += frames
 
     def close(self) -> None:
         """Finish the file; with `faststart`, remux the fragments into a plain MP4 (index first)."""
@@ -220,7 +241,11 @@ class Mp4Writer:
         if self._file is None:
             logger.warning("%s: writer closed without frames; no file written", self.path)
             return
-        self._file.close()
+        try:
+            if self._pending:  # a fragment in progress: its frames are written, not dropped
+                self._write_fragment()
+        finally:
+            self._file.close()
         self._encoder = None
         if self.faststart:
             t0 = time.perf_counter()

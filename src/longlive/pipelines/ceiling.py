@@ -10,6 +10,11 @@ Everything else (norms, modulation, RoPE, kernel launches, host work) counts as 
 reaches it. With `--quant fp8` the eight products use `torch._scaled_mm` (row-wise scales), where it runs.
 Under Ulysses sequence parallelism each rank multiplies 1/N of the tokens and attends with 1/N of the heads;
 communication counts as zero too.
+
+Two figures: the burst ceiling times each call alone, a few in a row (what `benchmarks/h200_ceiling.py`
+does); the sustained ceiling runs the whole chunk's sequence of those calls (layers x forwards) back to
+back, as a generation does. On a board that reaches its power limit under a long run (the H200 at
+700 W lowers its SM clock), the sustained figure is the one a generation can approach.
 """
 from __future__ import annotations
 
@@ -102,8 +107,10 @@ def check_quant(quant: str, device: torch.device) -> None:
 def measure_ceiling(shape: CeilingShape, device: torch.device, dtype: torch.dtype = torch.bfloat16, quant: str = "none",
                     pixel_frames_per_chunk: int = 32, timer: Callable[[Callable[[], Any]], float] | None = None
                     ) -> dict[str, Any]:
-    """Time the chunk's products and attention on `device` and return the ceiling (seconds and FPS).
-    `timer(fn) -> seconds per call` defaults to `time_call` on `device`."""
+    """Time the chunk's products and attention on `device` and return the ceiling (seconds and FPS), burst
+    and sustained. `timer(fn) -> seconds per call` defaults to `time_call` on `device` (for the sustained
+    chunk, 3 calls after 1 warm-up)."""
+    sustained_timer = timer or (lambda fn: time_call(fn, device, iters=3, warmup=1))
     timer = timer or (lambda fn: time_call(fn, device))
     check_quant(quant, device)
     s = shape
@@ -145,9 +152,20 @@ def measure_ceiling(shape: CeilingShape, device: torch.device, dtype: torch.dtyp
         log.info("ceiling: attention backends that did not run here: %s", errors)
     best = min(attention, key=attention.get)
     t_self = attention[best]
-    t_cross = timer(lambda: _sdpa(q, kt, kt, dict(_attention_backends(device))[best]))
+    best_backend = dict(_attention_backends(device))[best]
+    t_cross = timer(lambda: _sdpa(q, kt, kt, best_backend))
     layer = linear + t_self + t_cross
     chunk = layer * s.layers * s.forwards
+    # the same calls in a layer's order, for every layer of every forward of a chunk
+    layer_calls = [gemm_dd] * 3 + [lambda: _sdpa(q, k, v, best_backend), gemm_dd, gemm_dd,
+                                   lambda: _sdpa(q, kt, kt, best_backend), gemm_dd, gemm_ffn1, gemm_ffn2]
+
+    def whole_chunk() -> None:
+        for _ in range(s.layers * s.forwards):
+            for call in layer_calls:
+                call()
+
+    sustained = sustained_timer(whole_chunk)
     report.update({
         "gemm_seconds": {"dim_x_dim": t_dd, "ffn1": t_ffn1, "ffn2": t_ffn2},
         "linear_tflops": flops_linear / linear / 1e12,
@@ -158,5 +176,7 @@ def measure_ceiling(shape: CeilingShape, device: torch.device, dtype: torch.dtyp
         "layer_seconds": layer,
         "chunk_seconds": chunk,
         "fps": pixel_frames_per_chunk / chunk,
+        "sustained_chunk_seconds": sustained,
+        "sustained_fps": pixel_frames_per_chunk / sustained,
     })
     return report

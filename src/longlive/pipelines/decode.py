@@ -2,9 +2,13 @@
 
 `inference.streaming_vae` off decodes the whole video at the end (`decode_batch`). With it on, each
 latent chunk the DiT finishes goes to a `ChunkDecoder` (`submit`), which decodes it with one
-stateful `StreamingDecoder` and hands the frames, on the CPU, to a sink (an `Mp4Writer`, usually behind a `BackgroundWriter` thread):
+stateful `StreamingDecoder` and hands the frames, on the CPU, to a sink (an `Mp4Writer`, usually behind a `BackgroundWriter` thread).
+The "sync", "rows" and "device" modes hand a chunk over in pieces, the 4 frames of each latent frame as
+they are decoded (`append(piece, end_fragment=False)`, the last piece ending the chunk), so the encoder
+works on a chunk while the VAE still decodes it; only the last piece's encode is left when the last
+chunk is decoded.
 
-- ``"sync"``: decode and write on the calling thread before `submit` returns.
+- ``"sync"``: decode on the calling thread; every frame is handed to the sink before `submit` returns.
 - ``"stream"`` (`inference.async_vae`, CUDA only): the decode runs on a second CUDA stream of the DiT's
   device, overlapping the DiT's next chunk. At most one decode is in flight: `submit(k+1)` first
   waits for chunk k's frames to reach pinned host memory and hands them to the sink. The frames are
@@ -36,6 +40,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -49,8 +54,9 @@ CHUNK_MODES: tuple[str, ...] = ("sync", "stream", "device", "rows")
 class ChunkDecodeSink(Protocol):
     """Receives decoded frames in order; `Mp4Writer` satisfies it."""
 
-    def append(self, frames: torch.Tensor) -> None:
-        """`frames`: [T, H, W, 3] uint8 on the CPU (may be pinned memory)."""
+    def append(self, frames: torch.Tensor, end_fragment: bool = True) -> None:
+        """`frames`: [T, H, W, 3] uint8 on the CPU (may be pinned memory). The chunk decoders hand a chunk
+        over in pieces as they are decoded; `end_fragment` marks a chunk's last piece."""
         ...
 
 
@@ -101,35 +107,48 @@ def frames_to_host(video: torch.Tensor) -> torch.Tensor:
 
 class BackgroundWriter:
     """Runs a sink's `append` (the H.264 encoder) in its own thread, so encoding overlaps the DiT and the
-    VAE. The queue holds at most `maxsize` chunks (the producer then waits); an append error is raised
-    in the caller at the next `append` or at `close`, naming the chunk. `close` writes everything
-    queued, then closes the sink. `encode_seconds` holds the time of each append in the thread."""
+    VAE. A chunk may come in pieces (`append(piece, end_fragment=False)` ... `append(last)`), which the
+    thread encodes as they arrive; at most `maxsize` chunks wait in the queue besides the one being
+    encoded (the producer then waits at the first piece of the next chunk). An append error is raised in the caller at the next
+    `append` or at `close`, naming the chunk. `close` writes everything queued, then closes the sink.
+    `encode_seconds` holds the encoding time of each chunk in the thread (its pieces summed)."""
 
     def __init__(self, sink: Any, maxsize: int = 2) -> None:
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be >= 1, got {maxsize}")
         self.sink = sink
         self.encode_seconds: list[float] = []
-        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._queue: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(maxsize)  # one per chunk waiting in the queue
         self._error: tuple[int, BaseException] | None = None
         self._reported = False
-        self._count = 0
+        self._count = 0  # chunks begun by the producer
+        self._open = False  # the producer is inside a chunk (its first piece took a slot)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="longlive-video-writer", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
+        spent, starting = 0.0, True
         while True:
             item = self._queue.get()
             if item is _STOP:
                 return
-            index, frames = item
-            if self._error is not None:
-                continue  # drain after a failure
-            try:
-                t0 = time.perf_counter()
-                self.sink.append(frames)
-                self.encode_seconds.append(time.perf_counter() - t0)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                self._error = (index, exc)
+            index, frames, end = item
+            if starting:  # a chunk leaves the queue: its slot is free
+                self._slots.release()
+                starting = False
+            if self._error is None:  # after a failure: drain, releasing the slots
+                try:
+                    t0 = time.perf_counter()
+                    self.sink.append(frames, end_fragment=end)
+                    spent += time.perf_counter() - t0
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    self._error = (index, exc)
+            if end:
+                if self._error is None:
+                    self.encode_seconds.append(spent)
+                spent, starting = 0.0, True
 
     def _raise(self) -> None:
         if self._error is not None and not self._reported:
@@ -137,19 +156,20 @@ class BackgroundWriter:
             index, exc = self._error
             raise RuntimeError(f"video writer failed at chunk {index}: {type(exc).__name__}: {exc}") from exc
 
-    def append(self, frames: torch.Tensor) -> None:
+    def append(self, frames: torch.Tensor, end_fragment: bool = True) -> None:
         if self._closed:
             raise RuntimeError("BackgroundWriter: append after close")
         if self._error is not None:
             self._reported = False  # every append after a failure raises
         self._raise()
-        while True:
-            try:
-                self._queue.put((self._count, frames), timeout=0.05)
-                break
-            except queue.Full:
+        if not self._open:
+            while not self._slots.acquire(timeout=0.05):
                 self._raise()
-        self._count += 1
+            self._open = True
+        self._queue.put((self._count, frames, end_fragment))
+        if end_fragment:
+            self._open = False
+            self._count += 1
 
     def close(self) -> None:
         """Wait for every queued chunk, close the sink, and raise any writer error."""
@@ -183,7 +203,9 @@ def decode_mode(streaming_vae: bool, async_vae: bool, vae_device: str | None) ->
 
 @dataclass
 class ChunkStats:
-    """One chunk: decode = VAE seconds; io = seconds to convert, copy to the host and `sink.append`."""
+    """One chunk: decode = seconds of the VAE decode, the uint8 conversion and the copies to the host (they
+    overlap, piece by piece); io = seconds inside `sink.append` (for a `BackgroundWriter` only the hand-over).
+    The "stream" mode, whose decode overlaps the DiT, reports the device's decode time and the copy + append."""
 
     index: int
     frames: int
@@ -244,6 +266,49 @@ def _pinned_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Ten
     return torch.empty(t.shape, dtype=dtype or t.dtype, device="cpu", pin_memory=True)
 
 
+def _pieces_to_sink(pieces: Iterator[torch.Tensor], sink: ChunkDecodeSink, where: str) -> tuple[int, float]:
+    """Hand a chunk's decoded pieces ([1, 3, f, H, W], see `StreamingDecoder.iter_chunk`) to `sink` as
+    uint8 frames on the CPU, the last one with `end_fragment`, so the encoder starts on a chunk's first
+    frames while the VAE decodes the rest.
+
+    On CUDA each piece is converted on the device and copied into pinned memory without blocking; it is
+    handed over (after its copy finished) once the next piece's work is issued, so the device always has
+    queued work while the host waits. Returns (frames handed over, seconds spent inside `sink.append`).
+    """
+    held: tuple[torch.Tensor, torch.Tensor, Any] | None = None
+    count, in_sink = 0, 0.0
+
+    def hand(item: tuple[torch.Tensor, torch.Tensor, Any], end: bool) -> None:
+        nonlocal count, in_sink
+        host, bad, copied = item
+        if copied is not None:
+            copied.synchronize()
+        _check_finite(bad, where)
+        t0 = time.perf_counter()
+        sink.append(host, end_fragment=end)
+        in_sink += time.perf_counter() - t0
+        count += host.shape[0]
+
+    for video in pieces:
+        frames, bad = _frames_on_device(video)
+        del video
+        copied = None
+        if frames.device.type == "cuda":
+            host, bad_host = _pinned_like(frames), _pinned_like(bad)
+            host.copy_(frames, non_blocking=True)
+            bad_host.copy_(bad, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(frames.device))
+            frames, bad = host, bad_host
+        if held is not None:
+            hand(held, end=False)
+        held = (frames, bad, copied)
+    if held is None:
+        raise ValueError(f"{where}: the chunk decoded to no frames")
+    hand(held, end=True)
+    return count, in_sink
+
+
 # ------------------------------------------------------------------------------------------ decoders
 class ChunkDecoder(abc.ABC):
     """Decodes the latent chunks of ONE video, in order, and hands their frames to a sink.
@@ -299,23 +364,21 @@ class SyncChunkDecoder(ChunkDecoder):
         super().__init__(vae, sink)
         self._decoder = vae.stream_decoder()
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decoder.decode_chunk(latents)
+    def _pieces(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        return self._decoder.iter_chunk(latents)
 
     def submit(self, chunk_index: int, latents: torch.Tensor) -> None:
         self._check_submit(chunk_index, latents)
         t0 = time.perf_counter()
-        video = self._decode(latents)
-        _sync(video.device)
-        t1 = time.perf_counter()
-        frames = 0
-        if self.sink is not None:  # (a rank of a "rows" group without the writer)
-            host = frames_to_host(video)
-            frames = host.shape[0]
-            self.sink.append(host)
-        del video
+        frames, in_sink = 0, 0.0
+        if self.sink is None:  # a rank of a "rows" group without the writer: decode its band only
+            for _ in self._pieces(latents):
+                pass
+            _sync(torch.device(self.vae.device))
+        else:
+            frames, in_sink = _pieces_to_sink(self._pieces(latents), self.sink, f"chunk {chunk_index}")
         t2 = time.perf_counter()
-        self.stats.chunks.append(ChunkStats(chunk_index, frames, t1 - t0, t2 - t1))
+        self.stats.chunks.append(ChunkStats(chunk_index, frames, t2 - t0 - in_sink, in_sink))
         self.stats.caller_seconds += t2 - t0
 
     def finish(self) -> None:
@@ -341,10 +404,11 @@ class RowParallelChunkDecoder(SyncChunkDecoder):
         self.split = split
         super().__init__(vae.split_rows(split), sink)
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        band = self._decoder.decode_chunk(latents[..., self.split.rows(latents.shape[-2]), :])
-        whole = self.split.gather_to_first(band)
-        return band if whole is None else whole  # only the first rank (the writer) holds whole frames
+    def _pieces(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        # each piece's bands are gathered as it is decoded; only the first rank (the writer) gets whole frames
+        for band in self._decoder.iter_chunk(latents[..., self.split.rows(latents.shape[-2]), :]):
+            whole = self.split.gather_to_first(band)
+            yield band if whole is None else whole
 
 
 @dataclass
@@ -503,7 +567,6 @@ class DeviceChunkDecoder(ChunkDecoder):
                 self._error = (-1, exc)
 
     def _loop(self) -> None:
-        cuda = self.device.type == "cuda"
         while True:
             item = self._queue.get()
             if item is _STOP:
@@ -517,27 +580,13 @@ class DeviceChunkDecoder(ChunkDecoder):
                 t0 = time.perf_counter()
                 latents = staged.to(self.device, non_blocking=staged.is_pinned())
                 del staged
-                video = self._decoder.decode_chunk(latents)
+                frames, in_sink = _pieces_to_sink(self._decoder.iter_chunk(latents), self.sink, f"chunk {index}")
                 del latents
-                _sync(self.device)
-                t1 = time.perf_counter()
-                if cuda:
-                    frames_dev, bad = _frames_on_device(video)
-                    del video
-                    frames = _pinned_like(frames_dev)
-                    frames.copy_(frames_dev, non_blocking=True)
-                    del frames_dev
-                    _check_finite(bad, f"chunk {index}")  # synchronises: the copy is done too
-                else:
-                    frames = frames_to_host(video)
-                    del video
-                self.sink.append(frames)
                 t2 = time.perf_counter()
             except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
                 self._error = (index, exc)
                 return
-            self.stats.chunks.append(ChunkStats(index, frames.shape[0], t1 - t0, t2 - t1))
-            del frames
+            self.stats.chunks.append(ChunkStats(index, frames, t2 - t0 - in_sink, in_sink))
 
     # ------------------------------------------------------------------ producer side
     def _raise_worker_error(self) -> None:

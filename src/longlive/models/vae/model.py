@@ -6,6 +6,8 @@ and a chunked streaming decode execute the very same operations and agree bit fo
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 
@@ -315,9 +317,7 @@ class StreamingDecoder:
         stride = self.vae.config.temporal_stride
         return stride * latent_frames - (stride - 1 if self.latents_seen == 0 else 0)
 
-    @torch.no_grad()
-    def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode the next chunk [B, z, n, h, w] of normalised latents -> [B, 3, frames, 16h, 16w]."""
+    def _start_chunk(self, latents: torch.Tensor) -> torch.Tensor:
         vae, cfg = self.vae, self.vae.config
         if latents.dim() != 5 or latents.shape[1] != cfg.z_dim or latents.shape[2] < 1:
             raise ValueError(
@@ -330,14 +330,31 @@ class StreamingDecoder:
                 "call reset() before decoding a different video."
             )
         self._geometry = geometry
-        latents = latents.to(device=vae.device, dtype=vae.dtype)
+        return latents.to(device=vae.device, dtype=vae.dtype)
+
+    def _steps(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        for i in range(latents.shape[2]):
+            frames = self.vae._decode_step(latents[:, :, i : i + 1], self.cache, first=self.latents_seen == 0)
+            self.latents_seen += 1
+            yield frames
+
+    @torch.no_grad()
+    def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode the next chunk [B, z, n, h, w] of normalised latents -> [B, 3, frames, 16h, 16w]."""
+        latents = self._start_chunk(latents)
         b, _, n, h, w = latents.shape
-        s = cfg.spatial_stride
-        out = torch.empty(b, cfg.image_channels, self.frames_for(n), h * s, w * s, dtype=vae.dtype, device=vae.device)
+        cfg, s = self.vae.config, self.vae.config.spatial_stride
+        out = torch.empty(b, cfg.image_channels, self.frames_for(n), h * s, w * s, dtype=self.vae.dtype, device=self.vae.device)
         pos = 0
-        for i in range(n):
-            frames = vae._decode_step(latents[:, :, i : i + 1], self.cache, first=self.latents_seen == 0)
+        for frames in self._steps(latents):
             out[:, :, pos : pos + frames.shape[2]] = frames
             pos += frames.shape[2]
-            self.latents_seen += 1
         return out
+
+    @torch.no_grad()
+    def iter_chunk(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Decode the next chunk like `decode_chunk`, yielding the frames of each latent frame [B, 3, f, 16h,
+        16w] as soon as their work is issued (f = 1 for the stream's first latent, else 4), so a consumer can
+        use the first frames while the rest decode. Their concatenation equals `decode_chunk`'s output.
+        Consume it to the end: the stream's state advances one latent frame per piece."""
+        yield from self._steps(self._start_chunk(latents))
