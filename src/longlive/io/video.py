@@ -7,8 +7,8 @@ more download. The writer encodes each appended chunk with one persistent libx26
 latency, forced IDR at each chunk start) and muxes the chunk as its own MP4 fragment (moof+mdat),
 appended and flushed to the file at once: after `append` returns, the file on disk is a playable
 fragmented MP4 holding every appended frame. A chunk may be appended in pieces (`end_fragment=False`
-encodes without writing), so encoding starts before the chunk is complete. `close` remuxes it into a plain MP4 with the index at
-the front (faststart) for players that prefer one.
+encodes without writing), so encoding starts before the chunk is complete. `close` remuxes the file
+into a plain MP4 with the index at the front (faststart) for players that prefer one.
 """
 
 from __future__ import annotations

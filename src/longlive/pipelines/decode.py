@@ -39,8 +39,8 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -109,9 +109,10 @@ class BackgroundWriter:
     """Runs a sink's `append` (the H.264 encoder) in its own thread, so encoding overlaps the DiT and the
     VAE. A chunk may come in pieces (`append(piece, end_fragment=False)` ... `append(last)`), which the
     thread encodes as they arrive; at most `maxsize` chunks wait in the queue besides the one being
-    encoded (the producer then waits at the first piece of the next chunk). An append error is raised in the caller at the next
-    `append` or at `close`, naming the chunk. `close` writes everything queued, then closes the sink.
-    `encode_seconds` holds the encoding time of each chunk in the thread (its pieces summed)."""
+    encoded (the producer then waits at the first piece of the next chunk). An append error is raised
+    in the caller at the next `append` or at `close`, naming the chunk. `close` writes everything
+    queued, then closes the sink. `encode_seconds` holds each chunk's encoding time in the thread (its
+    pieces summed)."""
 
     def __init__(self, sink: Any, maxsize: int = 2) -> None:
         if maxsize < 1:
