@@ -373,8 +373,8 @@ class SyncChunkDecoder(ChunkDecoder):
         t0 = time.perf_counter()
         frames, in_sink = 0, 0.0
         if self.sink is None:  # a rank of a "rows" group without the writer: decode its band only
-            for _ in self._pieces(latents):
-                pass
+            for band in self._pieces(latents):  # each piece's gather to the writer runs as it is taken
+                del band
             _sync(torch.device(self.vae.device))
         else:
             frames, in_sink = _pieces_to_sink(self._pieces(latents), self.sink, f"chunk {chunk_index}")
