@@ -43,6 +43,7 @@ from longlive.quant import nvfp4_triton as nt  # noqa: E402
 ROWS, COLS, TILES, WARPS = 8, 128, 2, 2
 """The quantize kernel's nearest-rounding launch (`_LAUNCH_DEFAULTS`): 8-row tiles, 2 per program,
 one 16-block per thread."""
+ELEMENTS_PER_THREAD = ROWS * COLS * TILES / (32 * WARPS)
 
 
 @triton.jit
@@ -93,8 +94,7 @@ def sass_per_element(work: int) -> tuple[float, collections.Counter]:
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": WARPS, **nt._LAUNCH_OPTIONS})
     ops = main_path_opcodes(compiled.asm["cubin"])
-    per_thread = ROWS * COLS * TILES / (32 * WARPS)
-    return len(ops) / per_thread, collections.Counter(ops)
+    return len(ops) / ELEMENTS_PER_THREAD, collections.Counter(ops)
 
 
 def launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, consts: torch.Tensor, work: int) -> None:
@@ -115,7 +115,7 @@ def main() -> int:
         per_elem, ops = sass_per_element(w)
         counts[w] = per_elem
         print(f"work {w:3d}: {per_elem:6.2f} SASS per element  top: "
-              + ", ".join(f"{k} {v * 64 / (ROWS * COLS * TILES):.2f}" for k, v in ops.most_common(5)), flush=True)
+              + ", ".join(f"{k} {v / ELEMENTS_PER_THREAD:.2f}" for k, v in ops.most_common(5)), flush=True)
     real = {}
     for rule in ("static_6", "mse"):
         d_rows, d_tiles, d_prefetch, maxnreg = nt._LAUNCH_DEFAULTS[rule != "static_6", False]
