@@ -32,11 +32,18 @@ from longlive.quant.fp4_kv import AttentionKernelConfig, FP4KVStore, smoothing_m
 logger = logging.getLogger("fp4_kv_attention")
 
 SWEEP = [  # (block_m, block_n, num_warps, num_stages); the first is the store's default
+    AttentionKernelConfig(128, 128, 8, 3),
     AttentionKernelConfig(128, 64, 8, 2),
     AttentionKernelConfig(128, 128, 8, 2),
     AttentionKernelConfig(128, 64, 4, 3),
     AttentionKernelConfig(64, 64, 4, 3),
     AttentionKernelConfig(128, 32, 8, 3),
+    AttentionKernelConfig(128, 128, 4, 2),
+    AttentionKernelConfig(64, 128, 4, 3),
+    AttentionKernelConfig(256, 64, 8, 2),
+    AttentionKernelConfig(256, 64, 16, 2),
+    AttentionKernelConfig(256, 128, 16, 2),
+    AttentionKernelConfig(256, 128, 8, 2),
 ]
 
 

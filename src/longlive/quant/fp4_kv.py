@@ -70,12 +70,16 @@ _WRITE_NUM_WARPS = 4
 
 @dataclass(frozen=True)
 class AttentionKernelConfig:
-    """Tile sizes and launch options of the fused FP4 attention kernel (powers of two, >= 16)."""
+    """Tile sizes and launch options of the fused FP4 attention kernel (powers of two, >= 16).
+
+    The defaults are the fastest of `benchmarks/fp4_kv_attention.py`'s sweep at the 5B shapes on an H200
+    (docs/benchmarks.md, "FP4 KV cache").
+    """
 
     block_m: int = 128
-    block_n: int = 64
+    block_n: int = 128
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 3
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "num_warps"):
